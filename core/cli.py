@@ -1,0 +1,102 @@
+"""Command line: ``gem-run RECIPE`` runs a recipe; ``gem plugins`` lists what is installed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from gem import __version__
+from gem.plugins import STAGES, PluginError, Registry, describe_plugins, make_plugin_manager
+from gem.recipe import RecipeError, apply_overrides, load_recipe_file, validate_recipe
+
+#: Errors a user can fix from the message alone: shown without a traceback unless --debug.
+USER_ERRORS = (RecipeError, PluginError, FileNotFoundError, ValueError)
+
+
+def _run_parser(prog: str = "gem-run") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Run a gem recipe (the built-in synthetic default when none is given).")
+    parser.add_argument("recipe", nargs="?", help="path to a YAML recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a recipe key, e.g. --set training.steps=500 (repeatable)")
+    parser.add_argument("--out", type=Path, help="run folder (default: <recipe out>/<name>-<timestamp>)")
+    parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def run_main(argv: Optional[Sequence[str]] = None, prog: str = "gem-run") -> int:
+    args = _run_parser(prog).parse_args(argv)
+    return _guard(lambda: _run(args), args.debug, prog)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from gem.pipeline import make_run_dir, run_recipe
+    from gem.report import format_summary
+
+    data = load_recipe_file(args.recipe) if args.recipe else {}
+    data = apply_overrides(data, args.overrides)
+    registry = Registry(make_plugin_manager())
+    recipe = validate_recipe(data, registry)
+    if args.print_recipe:
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        return 0
+    run_dir = make_run_dir(recipe, args.out)
+    print(f"gem {__version__}: running recipe {recipe.name!r} into {run_dir}", file=sys.stderr)
+    result = run_recipe(recipe, registry, run_dir)
+    print(format_summary(result.summary))
+    print(f"report: {run_dir / 'report.html'}")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    pm = make_plugin_manager()
+    records = describe_plugins(pm)
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    registry = Registry(pm)
+    packages = {r["plugin"]: f"{r['package']} {r['version'] or ''}".strip() for r in records}
+    for stage in STAGES:
+        print(f"{stage}:")
+        for name in registry.names(stage):
+            reg = registry.get(stage, name)
+            print(f"  {name:<12} {reg.description}  [plugin {reg.plugin}, {packages.get(reg.plugin, '?')}]")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="gem", description="gem: relation-aware disentanglement with plugins")
+    parser.add_argument("--version", action="version", version=f"gem {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_plugins = sub.add_parser("plugins", help="list installed plugins and what they register")
+    p_plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    p_plugins.add_argument("--debug", action="store_true")
+    sub.add_parser("run", help="run a recipe (same as gem-run)", add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        return run_main(argv[1:], prog="gem run")
+    args = parser.parse_args(argv)
+    return _guard(lambda: _plugins(args), args.debug, "gem")
+
+
+def _guard(action, debug: bool, prog: str) -> int:
+    try:
+        return action()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: run again with --debug for the traceback", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

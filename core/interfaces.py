@@ -1,0 +1,175 @@
+"""What each pipeline stage hands to the next: the plugin base classes and their data.
+
+Every plugin factory is called as ``factory(options, context)`` with the plugin's options
+dataclass (filled from the recipe) and a :class:`BuildContext`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class BuildContext:
+    """What a plugin factory may use besides its own options."""
+
+    seed: int
+    run_dir: Path
+    cache_dir: Path
+    attributes: Sequence[str] = ()
+    dataset: Optional["ImageDataset"] = None
+    accelerator: Any = None
+
+
+@dataclass
+class ImageDataset:
+    """Images plus whatever ground truth the source has.
+
+    Attributes
+    ----------
+    images : np.ndarray
+        uint8 array (N, H, W, 3); may be a read-only memmap of the preprocessing cache.
+    attributes : list of str
+        Names of the attributes GEM models, one latent dimension each.
+    factors : np.ndarray or None
+        int array (N, K) of ground-truth factor classes (0 .. levels-1), when known.
+    factor_names : list of str
+        Names of the K factors.
+    factor_levels : list of int
+        Number of classes of each factor.
+    attribute_scores : np.ndarray or None
+        int array (N, n) of true 0-5 scores of each attribute (what a perfect oracle says).
+    true_impact : np.ndarray or None
+        (n, n) ground-truth impact matrix, Somers' D of ``attribute_scores`` (row i -> column j).
+    info : dict
+        Free-form facts for the report (correlated pairs, source files, skipped images ...).
+    """
+
+    images: np.ndarray
+    attributes: list[str]
+    factors: Optional[np.ndarray] = None
+    factor_names: list[str] = field(default_factory=list)
+    factor_levels: list[int] = field(default_factory=list)
+    attribute_scores: Optional[np.ndarray] = None
+    true_impact: Optional[np.ndarray] = None
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class RelationOracle(abc.ABC):
+    """Scores attributes of images on the 0-5 scale of the GEM paper (Sec. 3.2)."""
+
+    #: Identifies oracle, model and prompt version in the score cache.
+    cache_key: str = ""
+
+    @abc.abstractmethod
+    def score(self, images: np.ndarray, indices: np.ndarray, attributes: Sequence[str]) -> np.ndarray:
+        """Score a batch.
+
+        Parameters
+        ----------
+        images : uint8 array (B, H, W, 3)
+        indices : int array (B,), positions of the images in the data set
+        attributes : the n attribute names
+
+        Returns
+        -------
+        float array (B, n) of scores in 0..5; NaN where the oracle gave no valid score.
+        """
+
+
+@dataclass
+class Ranking:
+    """Impact matrix from a ranker: ``impact[i, j]`` is the impact of attribute i on j."""
+
+    impact: np.ndarray
+    ci_low: Optional[np.ndarray] = None
+    ci_high: Optional[np.ndarray] = None
+    n_used: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class Ranker(abc.ABC):
+    @abc.abstractmethod
+    def rank(self, scores: np.ndarray) -> Ranking:
+        """Turn an (N, n) score matrix (NaN = missing) into an (n, n) impact matrix."""
+
+
+class GraphLearner(nn.Module, abc.ABC):
+    """Holds the relation graph A (n x n, signed, diagonal 1) in attribute order."""
+
+    #: Whether A has parameters trained with the model.
+    trainable: bool = False
+
+    @abc.abstractmethod
+    def set_anchor(self, impact: torch.Tensor) -> None:
+        """Initialise the graph from the (n, n) signed impact matrix S."""
+
+    @abc.abstractmethod
+    def forward(self) -> torch.Tensor:
+        """Return the current signed adjacency A (n, n) with unit diagonal."""
+
+    def penalty(self) -> torch.Tensor:
+        """Regulariser added to the loss when ``trainable`` (e.g. distance to the anchor)."""
+        return torch.zeros(())
+
+    def end_step(self, step: int) -> None:
+        """Called after each optimiser step (e.g. to move the anchor)."""
+
+
+#: Maps a batch of latent codes z (B, n) to the decoder input z_rel (B, n).
+Relate = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Extractor(nn.Module, abc.ABC):
+    """An attribute extractor: a model with one latent dimension per attribute.
+
+    It owns its optimisers and its training step, so methods with several optimisers
+    (an adversarial discriminator, FactorVAE's critic, ...) fit without special cases.
+    """
+
+    latent_dim: int
+
+    @abc.abstractmethod
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Create the optimisers this extractor steps (the loop passes them to accelerate)."""
+
+    @abc.abstractmethod
+    def training_step(self, x: torch.Tensor, relate: Relate, accelerator: Any,
+                      optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
+        """One optimisation step on a float batch x in [0, 1] (B, 3, H, W); returns loss terms.
+
+        Gradients that reach the relation graph through ``relate`` are left in place for the
+        graph learner's optimiser; the extractor must not zero them.
+        """
+
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the posterior mean and log-variance, each (B, latent_dim)."""
+
+    @abc.abstractmethod
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode (B, latent_dim) codes into images in [0, 1] (B, 3, H, W)."""
+
+    @torch.no_grad()
+    def traverse(self, z: torch.Tensor, dim: int, values: torch.Tensor,
+                 relate: Optional[Relate] = None) -> torch.Tensor:
+        """Decode copies of one code z (latent_dim,) with dimension ``dim`` set to each value.
+
+        With ``relate`` the varied code passes through the relation graph first, so changing
+        one attribute moves the attributes it influences (the paper's relation-aware traversal).
+        """
+        codes = z.unsqueeze(0).repeat(len(values), 1)
+        codes[:, dim] = values
+        if relate is not None:
+            codes = relate(codes)
+        return self.decode(codes)

@@ -1,0 +1,267 @@
+"""One run of a recipe: data -> oracle scores -> impact ranking -> training -> evaluation -> report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from gem import evaluation, report
+from gem.binding import bind_latents
+from gem.interfaces import BuildContext, ImageDataset, Ranking, RelationOracle
+from gem.io import atomic_write_text, write_json
+from gem.plugins import Registry
+from gem.recipe import Recipe
+from gem.relations import RelationModel
+from gem.training import Trainer, encode_images
+
+
+class DataError(ValueError):
+    """The data set is missing, empty or unusable."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def make_run_dir(recipe: Recipe, out: Optional[Path] = None) -> Path:
+    """``out`` when given, else ``<recipe.out>/<name>-<timestamp>`` (never an existing folder)."""
+    if out is None:
+        base = Path(recipe.out) / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        out, k = base, 1
+        while out.exists():
+            out, k = Path(f"{base}-{k}"), k + 1
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndarray, batch_size: int,
+                 show_progress: bool = True) -> np.ndarray:
+    """Oracle scores (len(indices), n) in batches, NaN where the oracle gave no valid score."""
+    n = len(dataset.attributes)
+    scores = np.full((len(indices), n), np.nan)
+    with tqdm(total=len(indices), desc="score", unit="img", disable=not show_progress) as bar:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            result = np.asarray(oracle.score(np.asarray(dataset.images[chunk]), chunk, dataset.attributes), dtype=float)
+            if result.shape != (len(chunk), n):
+                raise ValueError(f"oracle returned scores of shape {result.shape}, expected {(len(chunk), n)}")
+            scores[start:start + len(chunk)] = result
+            bar.update(len(chunk))
+    return scores
+
+
+def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
+               accelerator: Optional[Accelerator] = None) -> RunResult:
+    """Run every stage of a validated recipe and write the run folder."""
+    started = time.perf_counter()
+    pm = registry.pm
+    pm.hook.gem_configure.call_historic(kwargs={"recipe": recipe.to_dict()})
+    topts = recipe.training
+    if topts.threads:
+        torch.set_num_threads(topts.threads)
+    acc = accelerator or Accelerator(cpu=topts.cpu, mixed_precision=topts.mixed_precision)
+    set_seed(recipe.seed)
+    main = acc.is_main_process
+    figures = run_dir / "figures"
+    if main:
+        figures.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    context = BuildContext(seed=recipe.seed, run_dir=run_dir, cache_dir=Path(recipe.cache_dir), accelerator=acc)
+    context.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def build(stage: str) -> Any:
+        return registry.get(stage, recipe.plugin_name(stage)).build(recipe.plugin_options[stage], context)
+
+    # 1. Data.
+    with acc.main_process_first():
+        dataset: ImageDataset = build("dataset")
+    if len(dataset) == 0:
+        raise DataError(f"data set {recipe.plugin_name('dataset')!r} has no images")
+    if not dataset.attributes:
+        raise DataError(f"data set {recipe.plugin_name('dataset')!r} names no attributes")
+    context.dataset, context.attributes = dataset, list(dataset.attributes)
+    n = len(dataset.attributes)
+    n_eval = min(recipe.evaluation.n_images, len(dataset) // 5)
+    train_idx = np.arange(len(dataset) - n_eval)
+    eval_idx = np.arange(len(dataset) - n_eval, len(dataset))
+    scored_idx = np.arange(min(recipe.scoring.n_images, len(train_idx)))
+    pm.hook.gem_on_stage_end(stage="data", outputs={"dataset": dataset})
+
+    # 2. Oracle scores for the first N_rel images.
+    oracle: RelationOracle = build("oracle")
+    scores = score_images(oracle, dataset, scored_idx, recipe.scoring.batch_size, show_progress=main)
+    if main:
+        _write_scores(run_dir / "scores.csv", scored_idx, dataset.attributes, scores)
+    pm.hook.gem_on_stage_end(stage="scores", outputs={"scores": scores, "indices": scored_idx})
+
+    # 3. Impact ranking.
+    ranking: Ranking = build("ranker").rank(scores)
+    pm.hook.gem_on_stage_end(stage="rank", outputs={"ranking": ranking})
+
+    # 4. Training: warm up with independent latents, bind latents to attributes, then train
+    #    the extractor and the relation graph together.
+    extractor = build("extractor")
+    graph = build("graph")
+    graph.set_anchor(torch.as_tensor(ranking.impact, dtype=torch.float32))
+    relation = RelationModel(graph, n)
+    trainer = Trainer(extractor, relation, dataset.images, train_idx, topts, recipe.seed, acc,
+                      checkpoint_dir=run_dir / "checkpoint")
+    train_started = time.perf_counter()
+    trainer.fit(min(topts.warmup_steps, topts.steps), desc="warm-up")
+    means = encode_images(trainer.model, dataset.images, scored_idx, acc.device)
+    binding = bind_latents(means, scores)
+    trainer.relate.bind(binding.latent_of, binding.sign)
+    trainer.fit(topts.steps, desc="train")
+    train_seconds = time.perf_counter() - train_started
+    trainer.save(run_dir / "checkpoint")
+    model, rel = trainer.model, trainer.relate
+    learned = rel.adjacency().detach().float().cpu().numpy()
+    if main:
+        torch.save({"extractor": model.state_dict(), "relation": rel.state_dict(),
+                    "attributes": list(dataset.attributes)}, run_dir / "model.pt.tmp")
+        (run_dir / "model.pt.tmp").replace(run_dir / "model.pt")
+    pm.hook.gem_on_stage_end(stage="train", outputs={"history": trainer.history, "adjacency": learned})
+
+    # 5. Evaluation and report.
+    result_metrics: dict[str, Any] = {
+        "reconstruction": evaluation.reconstruction_metrics(model, rel, dataset.images, eval_idx, acc.device),
+        "relations": evaluation.relation_metrics(learned, ranking, dataset.true_impact),
+        "disentanglement": evaluation.disentanglement_metrics(model, rel, dataset, eval_idx, acc.device),
+        "binding": {"latent_of": {a: int(k) for a, k in zip(dataset.attributes, binding.latent_of)},
+                    "sign": {a: int(s) for a, s in zip(dataset.attributes, binding.sign)}},
+        "oracle": _oracle_stats(scores),
+        "training": {"steps": topts.steps, "seconds": train_seconds,
+                     "steps_per_second": topts.steps / max(train_seconds, 1e-9),
+                     "parameters": sum(p.numel() for p in model.parameters()),
+                     "device": str(acc.device), "processes": acc.num_processes},
+    }
+    summary = {}
+    if main:
+        summary = _write_outputs(run_dir, recipe, dataset, scores, ranking, learned, trainer, model, rel,
+                                 eval_idx, result_metrics, acc.device)
+    result_metrics["run_seconds"] = time.perf_counter() - started
+    summary["run time (s)"] = result_metrics["run_seconds"]
+    if main:
+        write_json(run_dir / "metrics.json", result_metrics)
+    pm.hook.gem_on_stage_end(stage="report", outputs={"metrics": result_metrics, "run_dir": run_dir})
+    acc.wait_for_everyone()
+    return RunResult(run_dir, result_metrics, summary)
+
+
+def _write_scores(path: Path, indices: np.ndarray, attributes: list[str], scores: np.ndarray) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["image", *attributes])
+    for index, row in zip(indices, scores):
+        writer.writerow([int(index), *("" if np.isnan(v) else f"{v:g}" for v in row)])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _oracle_stats(scores: np.ndarray) -> dict[str, Any]:
+    complete = ~np.isnan(scores).any(axis=1)
+    return {"images_scored": int(len(scores)), "missing_scores": int(np.isnan(scores).sum()),
+            "images_with_missing": int((~complete).sum()),
+            "all_zero_rate": float((np.nan_to_num(scores, nan=1) == 0).all(axis=1).mean()) if len(scores) else 0.0}
+
+
+def _write_outputs(run_dir: Path, recipe: Recipe, dataset: ImageDataset, scores: np.ndarray, ranking: Ranking,
+                   learned: np.ndarray, trainer: Trainer, model, rel, eval_idx: np.ndarray,
+                   result_metrics: dict, device) -> dict[str, Any]:
+    attrs = list(dataset.attributes)
+    fig = run_dir / "figures"
+    impact = {"attributes": attrs, "oracle_impact": ranking.impact, "ci_low": ranking.ci_low,
+              "ci_high": ranking.ci_high, "learned_adjacency": learned, "true_impact": dataset.true_impact,
+              "images_used": ranking.n_used, "notes": ranking.notes}
+    write_json(run_dir / "impact.json", impact)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["source", "target", "oracle_impact", "ci_low", "ci_high", "learned", "true"])
+    for i, a in enumerate(attrs):
+        for j, b in enumerate(attrs):
+            cells = [ranking.impact[i, j],
+                     ranking.ci_low[i, j] if ranking.ci_low is not None else np.nan,
+                     ranking.ci_high[i, j] if ranking.ci_high is not None else np.nan,
+                     learned[i, j], dataset.true_impact[i, j] if dataset.true_impact is not None else np.nan]
+            writer.writerow([a, b, *("" if np.isnan(c) else f"{c:.6f}" for c in cells)])
+    atomic_write_text(run_dir / "impact.csv", buf.getvalue())
+    write_json(run_dir / "history.json", trainer.history)
+
+    ev = recipe.evaluation
+    values = np.linspace(-ev.traversal_range, ev.traversal_range, ev.traversal_steps)
+    image = dataset.images[eval_idx[min(ev.traversal_image, len(eval_idx) - 1)]]
+    related, independent = evaluation.traversals(model, rel, image, values, device)
+    report.plot_impact_heatmap(ranking.impact, attrs, fig / "impact_heatmap.png",
+                               "Impact scores S (Somers' D, row → column)", ranking.ci_low, ranking.ci_high)
+    matrices = {"oracle S": ranking.impact, "learned A": learned}
+    if dataset.true_impact is not None:
+        matrices = {"true": dataset.true_impact, **matrices}
+    report.plot_relation_comparison(matrices, attrs, fig / "relations.png", "Relation matrices")
+    report.plot_traversals(related, attrs, values, fig / "traversal_relation_aware.png",
+                           "Relation-aware traversals (z_rel = Aᵀz)")
+    report.plot_traversals(independent, attrs, values, fig / "traversal_independent.png",
+                           "Independent traversals (one decoder input at a time)")
+    report.plot_loss_curves(trainer.history, fig / "loss_curves.png", "training losses")
+    report.plot_score_histogram(scores, attrs, fig / "oracle_scores.png", "oracle scores")
+
+    rec, rels = result_metrics["reconstruction"], result_metrics["relations"]
+    summary: dict[str, Any] = {"run folder": str(run_dir), "recon MSE": rec["mse"], "recon PSNR (dB)": rec["psnr"]}
+    if "learned_vs_true" in rels:
+        summary["|A - true| (MAE)"] = rels["learned_vs_true"]["mae"]
+        summary["|S - true| (MAE)"] = rels["oracle_vs_true"]["mae"]
+        summary["sign agreement A/true"] = rels["learned_vs_true"]["sign_agreement"]
+    if "spearman_mcc" in result_metrics["disentanglement"]:
+        summary["Spearman MCC"] = result_metrics["disentanglement"]["spearman_mcc"]
+    summary["train steps/s"] = result_metrics["training"]["steps_per_second"]
+
+    doc = report.Report(f"gem run: {recipe.name}")
+    doc.add_table("Summary", summary)
+    doc.add_text("Recipe", f"Data set `{recipe.plugin_name('dataset')}`, extractor `{recipe.plugin_name('extractor')}`, "
+                           f"oracle `{recipe.plugin_name('oracle')}`, ranker `{recipe.plugin_name('ranker')}`, "
+                           f"graph learner `{recipe.plugin_name('graph')}`; {recipe.training.steps} steps "
+                           f"({recipe.training.warmup_steps} warm-up), batch {recipe.training.batch_size}, "
+                           f"seed {recipe.seed}. The full resolved recipe is in recipe.yaml.")
+    doc.add_image("Relation-aware traversals", fig / "traversal_relation_aware.png",
+                  "Each row sets one attribute's latent from low to high and decodes A^T z: "
+                  "the attributes it influences move with it.")
+    doc.add_image("Independent traversals", fig / "traversal_independent.png",
+                  "Each row changes only that attribute's decoder input.")
+    doc.add_image("Impact scores", fig / "impact_heatmap.png",
+                  f"Somers' D from {ranking.n_used} scored images; row i is the independent variable. "
+                  "Brackets: bootstrap confidence interval.")
+    doc.add_image("Relations: true, oracle and learned", fig / "relations.png")
+    for note in ranking.notes:
+        doc.add_text("Ranker note", note)
+    rel_rows = [{"comparison": k.replace("_", " "), **v} for k, v in rels.items()]
+    doc.add_table("Relation recovery", rel_rows, "Off-diagonal mean/max absolute error and sign agreement.")
+    doc.add_table("Reconstruction (held-out images)", {**rec, "images": len(eval_idx)})
+    if result_metrics["disentanglement"]:
+        dis = result_metrics["disentanglement"]
+        doc.add_table("Disentanglement", {"Spearman MCC": dis["spearman_mcc"],
+                                          **{f"|ρ| bound latent ~ {k}": abs(v) for k, v in dis.get("bound_rho", {}).items()}})
+    doc.add_table("Binding of latents to attributes",
+                  [{"attribute": a, "latent": result_metrics["binding"]["latent_of"][a],
+                    "sign": result_metrics["binding"]["sign"][a]} for a in attrs])
+    doc.add_image("Training curves", fig / "loss_curves.png")
+    doc.add_image("Oracle scores", fig / "oracle_scores.png")
+    doc.add_table("Oracle", result_metrics["oracle"])
+    if dataset.info:
+        doc.add_table("Data set", {k: v if isinstance(v, (int, float, str)) else yaml.safe_dump(v, default_flow_style=True).strip()
+                                   for k, v in dataset.info.items()})
+    doc.add_table("Training", result_metrics["training"])
+    doc.write(run_dir)
+    return summary

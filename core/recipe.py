@@ -1,0 +1,261 @@
+"""Recipes: YAML files that say which plugins a run uses and with which options.
+
+A recipe is validated against dataclasses: the run's own sections below, and for each
+stage the options dataclass its plugin registered. Every error names the key and what it
+accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
+
+import yaml
+
+from gem.plugins import STAGES, PluginError, Registry
+
+
+class RecipeError(ValueError):
+    """The recipe is malformed; the message names the key and the allowed values."""
+
+
+@dataclass
+class TrainingOptions:
+    """How the extractor and graph learner are trained (accelerate runs the loop)."""
+
+    steps: int = 4000
+    batch_size: int = 32
+    warmup_steps: int = 800
+    """Steps with the identity graph before latents are bound to attributes."""
+    graph_lr: float = 1e-3
+    log_every: int = 25
+    checkpoint_every: int = 0
+    """0 saves only at the end."""
+    num_workers: int = 0
+    cpu: bool = False
+    """Force the CPU even when a GPU is visible."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    threads: int = 0
+    """torch intra-op threads on the CPU; 0 leaves torch's default."""
+
+
+@dataclass
+class ScoringOptions:
+    """Which images the relation oracle scores (the paper uses the first 1,500)."""
+
+    n_images: int = 1500
+    batch_size: int = 32
+
+
+@dataclass
+class EvaluationOptions:
+    """What the run evaluates and draws at the end."""
+
+    n_images: int = 2000
+    """Held-out images (the last ones of the data set) for reconstruction metrics."""
+    traversal_range: float = 2.5
+    traversal_steps: int = 9
+    traversal_image: int = 0
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: run settings plus one plugin section per stage."""
+
+    name: str = "synthetic"
+    seed: int = 0
+    out: str = "runs"
+    cache_dir: str = ".cache/gem"
+    dataset: dict = field(default_factory=lambda: {"plugin": "synthetic"})
+    extractor: dict = field(default_factory=lambda: {"plugin": "gem_vae"})
+    oracle: dict = field(default_factory=lambda: {"plugin": "labels"})
+    ranker: dict = field(default_factory=lambda: {"plugin": "somersd"})
+    graph: dict = field(default_factory=lambda: {"plugin": "gcn"})
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+    scoring: ScoringOptions = field(default_factory=ScoringOptions)
+    evaluation: EvaluationOptions = field(default_factory=EvaluationOptions)
+    # Filled by validation: the options dataclass instance of each stage's plugin.
+    plugin_options: dict = field(default_factory=dict, repr=False)
+
+    def plugin_name(self, stage: str) -> str:
+        return getattr(self, stage)["plugin"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved recipe (every default filled in), as plain YAML-able data."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "plugin_options":
+                continue
+            value = getattr(self, f.name)
+            if f.name in STAGES:
+                opts = self.plugin_options.get(f.name)
+                value = {"plugin": value["plugin"], **(dataclasses.asdict(opts) if opts is not None else {})}
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            out[f.name] = value
+        return out
+
+
+def load_recipe_file(path: Union[str, Path]) -> dict:
+    """Read a recipe with ``yaml.safe_load``; syntax errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML (``3``, ``true``, ``[a, b]``)."""
+    data = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise RecipeError(f"--set {item!r}: empty key in {key!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {item!r}: {'.'.join(parts[:depth + 1])!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def validate_recipe(data: Mapping[str, Any], registry: Registry) -> Recipe:
+    """Check every key and type, fill defaults, and resolve each stage's plugin options."""
+    data = dict(data)
+    stage_sections = {}
+    for stage in STAGES:
+        section = data.pop(stage, None)
+        if section is None:
+            section = getattr(Recipe(), stage)
+        if isinstance(section, str):
+            section = {"plugin": section}
+        if not isinstance(section, dict):
+            raise RecipeError(f"recipe key {stage!r}: expected a mapping with a 'plugin' key, got {_show(section)}")
+        stage_sections[stage] = section
+    recipe = _build(Recipe, data, "")
+    for stage, section in stage_sections.items():
+        section = dict(section)
+        name = section.pop("plugin", None) or getattr(Recipe(), stage)["plugin"]
+        try:
+            reg = registry.get(stage, name)
+        except PluginError as exc:
+            raise RecipeError(f"recipe key '{stage}.plugin': {exc}") from None
+        opts = _build(reg.options, section, stage) if reg.options is not None else None
+        if reg.options is None and section:
+            raise RecipeError(f"recipe key {stage!r}: plugin {name!r} takes no options, got {sorted(section)}")
+        setattr(recipe, stage, {"plugin": name})
+        recipe.plugin_options[stage] = opts
+    return recipe
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Make a dataclass instance from a mapping, checking keys and types."""
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"recipe key {where or '<top>'!r}: expected a mapping, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "plugin_options"}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        allowed = ", ".join(sorted(fields) + (["plugin"] if where in STAGES else []))
+        key = _join(where, str(unknown[0]))
+        raise RecipeError(f"unknown recipe key {key!r}; allowed keys here: {allowed}")
+    kwargs = {name: _coerce(data[name], hints[name], _join(where, name)) for name in fields if name in data}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"recipe key {where or '<top>'!r}: {exc}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"recipe key {key!r}: {_show(value)} matches none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"recipe key {key!r}: {_show(value)} is not allowed; allowed values: {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple, Sequence) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"recipe key {key!r}: expected a list, got {_show(value)}")
+        item = args[0] if args else Any
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key {key!r}: expected a mapping, got {_show(value)}")
+        return dict(value)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"recipe key {key!r}: expected true or false, got {_show(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"recipe key {key!r}: expected an integer, got {_show(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-4 as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"recipe key {key!r}: expected a number, got {_show(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"recipe key {key!r}: expected a string, got {_show(value)}")
+        return value
+    return value
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data

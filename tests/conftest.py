@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def registry():
+    """A fresh plugin manager's registry (built-ins plus installed entry points)."""
+    from gem.plugins import Registry, make_plugin_manager
+
+    return Registry(make_plugin_manager())
+
+
+TINY_RECIPE = {
+    "name": "tiny",
+    "dataset": {"plugin": "synthetic", "n_images": 400, "image_size": 32},
+    "extractor": {"plugin": "gem_vae", "image_size": 32, "channels": 8, "hidden": 32, "lr": 1e-3, "disc_lr": 1e-3},
+    "ranker": {"plugin": "somersd", "bootstrap": 20},
+    "training": {"steps": 12, "warmup_steps": 4, "batch_size": 8, "log_every": 4, "cpu": True},
+    "scoring": {"n_images": 300, "batch_size": 64},
+    "evaluation": {"n_images": 40, "traversal_steps": 5},
+}
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    import copy
+
+    data = copy.deepcopy(TINY_RECIPE)
+    data["cache_dir"] = str(tmp_path / "cache")
+    data["out"] = str(tmp_path / "runs")
+    return data
