@@ -13,7 +13,7 @@ from gem.plugins import STAGES, PluginError, Registry, describe_plugins, make_pl
 from gem.recipe import RecipeError, apply_overrides, load_recipe_file, validate_recipe
 
 #: Errors a user can fix from the message alone: shown without a traceback unless --debug.
-USER_ERRORS = (RecipeError, PluginError, FileNotFoundError, ValueError)
+USER_ERRORS = (RecipeError, PluginError, FileNotFoundError, ValueError, ImportError)
 
 
 def _run_parser(prog: str = "gem-run") -> argparse.ArgumentParser:

@@ -48,6 +48,9 @@ class ImageDataset:
         int array (N, n) of true 0-5 scores of each attribute (what a perfect oracle says).
     true_impact : np.ndarray or None
         (n, n) ground-truth impact matrix, Somers' D of ``attribute_scores`` (row i -> column j).
+    sample_weights : np.ndarray or None
+        float array (N,): when given, training draws images with replacement with these
+        probabilities (correlated sampling of factor data sets); evaluation ignores them.
     info : dict
         Free-form facts for the report (correlated pairs, source files, skipped images ...).
     """
@@ -59,6 +62,7 @@ class ImageDataset:
     factor_levels: list[int] = field(default_factory=list)
     attribute_scores: Optional[np.ndarray] = None
     true_impact: Optional[np.ndarray] = None
+    sample_weights: Optional[np.ndarray] = None
     info: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -85,6 +89,13 @@ class RelationOracle(abc.ABC):
         -------
         float array (B, n) of scores in 0..5; NaN where the oracle gave no valid score.
         """
+
+    def stats(self) -> dict[str, int]:
+        """Counters for the report: requests, retries, failures, tokens ... (empty if none)."""
+        return {}
+
+    def close(self) -> None:
+        """Release clients, pools or models."""
 
 
 @dataclass

@@ -120,7 +120,7 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     graph.set_anchor(torch.as_tensor(ranking.impact, dtype=torch.float32))
     relation = RelationModel(graph, n)
     trainer = Trainer(extractor, relation, dataset.images, train_idx, topts, recipe.seed, acc,
-                      checkpoint_dir=run_dir / "checkpoint")
+                      checkpoint_dir=run_dir / "checkpoint", sample_weights=dataset.sample_weights)
     train_started = time.perf_counter()
     trainer.fit(min(topts.warmup_steps, topts.steps), desc="warm-up")
     means = encode_images(trainer.model, dataset.images, scored_idx, acc.device)

@@ -26,6 +26,13 @@ BUILTIN_PLUGINS = (
     "gem_plugins.labels_oracle",
     "gem_plugins.somersd",
     "gem_plugins.graph_learners",
+    "gem_plugins.openai_oracle",
+    "gem_plugins.llava_oracle",
+    "gem_plugins.celeba",
+    "gem_plugins.lsun",
+    "gem_plugins.shapes3d",
+    "gem_plugins.dsprites",
+    "gem_plugins.image_folder",
 )
 
 

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from gem.interfaces import Extractor
@@ -44,7 +44,7 @@ class Trainer:
 
     def __init__(self, extractor: Extractor, relation: RelationModel, images: np.ndarray,
                  train_indices: np.ndarray, options: TrainingOptions, seed: int, accelerator: Any,
-                 checkpoint_dir: Optional[Path] = None):
+                 checkpoint_dir: Optional[Path] = None, sample_weights: Optional[np.ndarray] = None):
         if len(train_indices) < options.batch_size:
             raise ValueError(f"training.batch_size is {options.batch_size} but only {len(train_indices)} "
                              "training images are left; lower the batch size or add images")
@@ -54,9 +54,15 @@ class Trainer:
         optimizers = extractor.configure_optimizers()
         self.graph_optimizer = (torch.optim.Adam(relation.parameters(), lr=options.graph_lr)
                                 if relation.graph.trainable else None)
-        loader = DataLoader(UInt8Images(images, train_indices), batch_size=options.batch_size, shuffle=True,
-                            drop_last=True, num_workers=options.num_workers,
-                            generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        sampler = None
+        if sample_weights is not None:
+            # Correlated sampling: draw with replacement in proportion to the weights.
+            sampler = WeightedRandomSampler(torch.as_tensor(sample_weights[train_indices], dtype=torch.double),
+                                            num_samples=len(train_indices), replacement=True, generator=generator)
+        loader = DataLoader(UInt8Images(images, train_indices), batch_size=options.batch_size,
+                            shuffle=sampler is None, sampler=sampler, drop_last=True,
+                            num_workers=options.num_workers, generator=generator)
         extra = [self.graph_optimizer] if self.graph_optimizer is not None else []
         prepared = accelerator.prepare(extractor, relation, loader, *optimizers.values(), *extra)
         self.extractor, self.relation, self.loader = prepared[:3]

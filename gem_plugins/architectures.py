@@ -10,6 +10,20 @@ import torch
 from torch import nn
 
 
+def init_weights(module: nn.Module, negative_slope: float = 0.0) -> None:
+    """Kaiming initialisation for every conv and linear layer, zero biases.
+
+    PyTorch's default (uniform with a = sqrt(5)) shrinks the signal about threefold per layer;
+    over these seven layers the codes of different images start almost identical and the KL
+    term collapses the posterior before the encoder learns anything.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, a=negative_slope, nonlinearity="leaky_relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def _check_size(image_size: int) -> None:
     if image_size < 16 or image_size & (image_size - 1):
         raise ValueError(f"image_size must be a power of two >= 16, got {image_size}")
@@ -30,6 +44,7 @@ class BurgessEncoder(nn.Module):
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True),
                                 nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
                                 nn.Linear(hidden, 2 * latent_dim))
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.fc(self.conv(x)).chunk(2, dim=1)
@@ -53,6 +68,7 @@ class BurgessDecoder(nn.Module):
             if i < 3:
                 layers.append(nn.ReLU(inplace=True))
         self.deconv = nn.Sequential(*layers)
+        init_weights(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.fc(z).view(-1, self.channels, self.side, self.side)
@@ -77,6 +93,7 @@ class JointDiscriminator(nn.Module):
                                    nn.Linear(channels * (image_size // 16) ** 2, hidden), nn.LeakyReLU(0.2, inplace=True))
         self.z_net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.2, inplace=True))
         self.joint = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.LeakyReLU(0.2, inplace=True), nn.Linear(hidden, 1))
+        init_weights(self, negative_slope=0.2)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.joint(torch.cat([self.x_net(x), self.z_net(z)], dim=1)).squeeze(1)

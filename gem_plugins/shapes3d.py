@@ -1,0 +1,237 @@
+"""The ``shapes3d`` data set: DeepMind's 3dshapes (Burgess & Kim, 2018) from ``3dshapes.h5``.
+
+480,000 renders of an object in a room, 64x64 RGB, every combination of six factors:
+floor_hue (10), wall_hue (10), object_hue (10), scale (8), shape (4), orientation (15), in
+row-major order. The file holds ``images`` (480000, 64, 64, 3) uint8 and ``labels``
+(480000, 6) float64 factor values. It is read lazily with h5py (optional ``h5`` extra) in blocks
+and copied once into the memory-mapped cache in a seeded random order: the file itself is sorted
+by factors, and the pipeline scores the first images and evaluates on the last ones.
+Optional correlated sampling (Träuble et al., 2021; Roth et al., 2023) ties factor pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+
+from gem import hookimpl
+from gem.data import (MissingDataError, build_array_cache, cache_file, plan_correlation, shuffled_subset,
+                      validate_correlation_options)
+from gem.interfaces import BuildContext, ImageDataset
+from gem_plugins.somersd import somers_d_matrix
+from gem_plugins.synthetic import attribute_scores
+
+#: The factors in the column order of ``labels``, with their number of values.
+FACTOR_LEVELS: dict[str, int] = {
+    "floor_hue": 10, "wall_hue": 10, "object_hue": 10, "scale": 8, "shape": 4, "orientation": 15,
+}
+
+#: The published factor values (used when a file does not hold every value of a factor).
+FACTOR_VALUES: dict[str, np.ndarray] = {
+    "floor_hue": np.linspace(0.0, 1.0, 10, endpoint=False),
+    "wall_hue": np.linspace(0.0, 1.0, 10, endpoint=False),
+    "object_hue": np.linspace(0.0, 1.0, 10, endpoint=False),
+    "scale": np.linspace(0.75, 1.25, 8),
+    "shape": np.arange(4, dtype=np.float64),
+    "orientation": np.linspace(-30.0, 30.0, 15),
+}
+
+FILE_NAME = "3dshapes.h5"
+N_IMAGES = 480_000
+URL = "https://storage.googleapis.com/3d-shapes/3dshapes.h5"
+
+#: Pair correlated by a bare preset (``correlation: strong``) when no pair is named.
+DEFAULT_PAIRS: list[list[str]] = [["object_hue", "scale"]]
+
+_CHUNK = 2048
+
+
+def _all_factors() -> list[str]:
+    return list(FACTOR_LEVELS)
+
+
+@dataclass
+class Shapes3DOptions:
+    """Recipe options of the ``shapes3d`` data set.
+
+    Attributes
+    ----------
+    root : folder holding ``3dshapes.h5`` (or the path of the file itself).
+    factors : the factors GEM models, one attribute each (all six by default).
+    max_images : use a seeded random subset of this many images (None: all 480,000). The
+        images are always put in a seeded random order, the subset is its first max_images.
+    image_size : side length; the 64x64 renders are resized when it differs.
+    seed : seed of the order/subset; None uses the recipe seed.
+    correlation : correlated-sampling preset: weak (sigma 0.4), medium (0.1), strong (0.04),
+        or confounder (one factor tied to all others); None samples uniformly.
+    correlated_pairs : ``[factor_a, factor_b]`` or ``[factor_a, factor_b, inverse]``; a bare
+        preset correlates ``object_hue`` and ``scale``.
+    sigma : pair width overriding the preset's.
+    confounder : the factor tied to all others (with ``correlation: confounder`` it defaults to
+        floor_hue).
+    """
+
+    root: str = "data/shapes3d"
+    factors: list[str] = field(default_factory=_all_factors)
+    max_images: Optional[int] = None
+    image_size: int = 64
+    seed: Optional[int] = None
+    correlation: Optional[Literal["weak", "medium", "strong", "confounder"]] = None
+    correlated_pairs: list[list] = field(default_factory=list)
+    sigma: Optional[float] = None
+    confounder: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.factors = list(self.factors)
+        allowed = ", ".join(FACTOR_LEVELS)
+        if not self.factors:
+            raise ValueError(f"shapes3d: factors must not be empty; allowed: {allowed}")
+        unknown = [f for f in self.factors if f not in FACTOR_LEVELS]
+        if unknown:
+            raise ValueError(f"shapes3d: unknown factor(s) {unknown}; allowed: {allowed}")
+        if len(set(self.factors)) != len(self.factors):
+            raise ValueError(f"shapes3d: factors listed twice in {self.factors}")
+        if self.max_images is not None and not 1 <= self.max_images <= N_IMAGES:
+            raise ValueError(f"shapes3d: max_images must be in 1..{N_IMAGES} or null, got {self.max_images}")
+        if self.image_size < 16:
+            raise ValueError(f"shapes3d: image_size must be >= 16, got {self.image_size}")
+        if not self.root:
+            raise ValueError("shapes3d: root must name the folder that holds 3dshapes.h5")
+        validate_correlation_options(self, list(FACTOR_LEVELS), "shapes3d")
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError:
+        raise ImportError("the shapes3d data set reads 3dshapes.h5 with h5py, which is not installed: "
+                          "pip install h5py (or pip install 'gem-disentangle[h5]')") from None
+    return h5py
+
+
+def resolve_file(root: str) -> Path:
+    """``root`` itself when it is a file, else ``root/3dshapes.h5``; MissingDataError if absent."""
+    path = Path(root).expanduser()
+    target = path if path.is_file() else path / FILE_NAME
+    if not target.is_file():
+        raise MissingDataError(
+            "shapes3d", path, [f"{path / FILE_NAME}  (HDF5: 'images' {N_IMAGES}x64x64x3 uint8, "
+                               f"'labels' {N_IMAGES}x6 float64)"],
+            hint=f"download {URL} into that folder (see docs/datasets.md)")
+    return target
+
+
+def label_classes(labels: np.ndarray) -> np.ndarray:
+    """Factor values (N, 6) to class indices 0..levels-1 (N, 6), column order of FACTOR_LEVELS.
+
+    A column that holds every published value is ranked with ``np.unique``/``searchsorted``;
+    a column that holds only some (a subset file) is matched to the published values.
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    if labels.ndim != 2 or labels.shape[1] != len(FACTOR_LEVELS):
+        raise ValueError(f"shapes3d: 'labels' must have shape (N, 6), got {labels.shape}")
+    classes = np.empty(labels.shape, dtype=np.int64)
+    for k, (name, levels) in enumerate(FACTOR_LEVELS.items()):
+        column = labels[:, k]
+        values = np.unique(column)
+        if len(values) == levels:
+            classes[:, k] = np.searchsorted(values, column)
+            continue
+        grid = FACTOR_VALUES[name]
+        nearest = np.abs(column[:, None] - grid[None, :]).argmin(axis=1)
+        if np.abs(grid[nearest] - column).max() > 1e-3:
+            raise ValueError(f"shapes3d: column {k} ({name}) of 'labels' has {len(values)} distinct values that "
+                             f"do not match the published {levels} values {np.round(grid, 3).tolist()}")
+        classes[:, k] = nearest
+    return classes
+
+
+def _read_blocks(path: Path, order: np.ndarray):
+    """(cache rows, images) blocks read from the file in ascending row order."""
+    h5py = _h5py()
+    by_source = np.argsort(order, kind="stable")
+    with h5py.File(path, "r") as f:
+        images = f["images"]
+        for start in range(0, len(order), _CHUNK):
+            rows = by_source[start:start + _CHUNK]
+            src = order[rows]
+            lo, hi = int(src[0]), int(src[-1]) + 1
+            if hi - lo <= 4 * len(src):
+                block = images[lo:hi][src - lo]
+            else:
+                block = images[src]
+            yield rows, block
+
+
+def build_shapes3d(options: Shapes3DOptions, context: BuildContext) -> ImageDataset:
+    """Load 3dshapes.h5 (through the cache) with factors, oracle scores and the true impact."""
+    path = resolve_file(options.root)
+    h5py = _h5py()
+    with h5py.File(path, "r") as f:
+        for key in ("images", "labels"):
+            if key not in f:
+                raise MissingDataError("shapes3d", path, ["dataset 'images' (N, 64, 64, 3) uint8",
+                                                          "dataset 'labels' (N, 6) float64"],
+                                       detail=f"the HDF5 file has no dataset {key!r}")
+        shape = f["images"].shape
+        labels = f["labels"][:]
+    if len(shape) != 4 or shape[-1] != 3 or shape[0] != len(labels):
+        raise ValueError(f"shapes3d: {path} holds images of shape {shape} and {len(labels)} label rows; "
+                         f"expected (N, 64, 64, 3) and N rows")
+    if shape[0] == 0:
+        raise MissingDataError("shapes3d", path, [f"{FILE_NAME} with at least one image"], detail="the file is empty")
+    if options.max_images is not None and options.max_images > shape[0]:
+        raise ValueError(f"shapes3d: max_images is {options.max_images} but {path} holds {shape[0]} images")
+    seed = int(context.seed if options.seed is None else options.seed)
+    all_classes = label_classes(labels)
+    order = shuffled_subset(shape[0], options.max_images, seed)
+    stat = path.stat()
+    cache = cache_file(context.cache_dir, "shapes3d",
+                       {"file": str(path.resolve()), "bytes": stat.st_size, "mtime": int(stat.st_mtime),
+                        "image_size": options.image_size},
+                       [hashlib.sha1(order.tobytes()).hexdigest()])
+    images = build_array_cache(cache, len(order), lambda: _read_blocks(path, order), options.image_size,
+                               desc="preprocess shapes3d")
+    all_classes = all_classes[order]
+    names = list(options.factors)
+    columns = [list(FACTOR_LEVELS).index(name) for name in names]
+    factors = all_classes[:, columns]
+    scores = attribute_scores(factors, names)
+    levels = [FACTOR_LEVELS[name] for name in names]
+    info = {
+        "description": "DeepMind 3dshapes: an object in a room, six factors on a full grid",
+        "file": str(path),
+        "cache_file": str(cache),
+        "images": len(order),
+        "order": f"seeded random order (seed {seed})" + (f", first {options.max_images} of {shape[0]}"
+                                                          if options.max_images else ""),
+        "factor_levels": {name: FACTOR_LEVELS[name] for name in names},
+        "skipped_images": 0,
+    }
+    plan = plan_correlation(options, list(FACTOR_LEVELS), DEFAULT_PAIRS)
+    weights = None
+    if plan is not None:
+        weights = plan.probabilities(all_classes, list(FACTOR_LEVELS.values()))
+        info.update(plan.describe(all_classes, list(FACTOR_LEVELS.values()), weights))
+    return ImageDataset(
+        images=images,
+        attributes=names,
+        factors=factors,
+        factor_names=names,
+        factor_levels=levels,
+        attribute_scores=scores,
+        # The relations of the distribution the model trains on (weighted when correlated).
+        true_impact=somers_d_matrix(scores, weights=weights),
+        sample_weights=weights,
+        info=info,
+    )
+
+
+@hookimpl
+def gem_register_datasets(register):
+    register("shapes3d", build_shapes3d, options=Shapes3DOptions,
+             description="DeepMind 3dshapes (3dshapes.h5) with its six factors; optional correlated sampling")

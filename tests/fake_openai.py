@@ -1,0 +1,205 @@
+"""A scripted, in-process fake of an OpenAI-compatible chat-completions server (standard library only).
+
+``with FakeOpenAI(attributes, scorer) as server:`` starts a ``ThreadingHTTPServer`` on
+127.0.0.1 (a free port) in a thread and stops it on exit; ``server.base_url`` is the
+``.../v1`` URL an oracle talks to. A normal answer is computed from the request: the server
+decodes the image part (a base64 data URL) and asks ``scorer(attribute, image)`` for the score of
+each attribute named in the prompt, answering one digit (one attribute named) or a JSON object
+(several). Every request is recorded (path, headers, JSON body) in ``server.requests``, and
+``server.max_in_flight`` is the most requests it was answering at once.
+
+Behaviours other than a normal answer are scripted: ``server.script(["429", "ok"])`` makes the
+next requests, in arrival order, answer as listed (then normally again); ``server.default`` is
+what unscripted requests get. Behaviours:
+
+``ok``           a normal answer (with ``usage``)
+``429``          HTTP 429 with ``Retry-After: <server.retry_after>``
+``500``          HTTP 500 with an OpenAI-style error body
+``slow``         sleeps ``server.slow_seconds`` before answering normally (client time-outs)
+``garbage``      200 with a reply that holds no score
+``out_of_range`` 200 with the score 7 for every attribute
+``401``          HTTP 401 (bad key)
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+Scorer = Callable[[str, np.ndarray], int]
+
+
+def table_scorer(table: dict[str, int]) -> Scorer:
+    """A scorer that answers a fixed score per attribute, whatever the image."""
+    return lambda attribute, image: table[attribute]
+
+
+def decode_data_url(url: str) -> np.ndarray:
+    """The uint8 (H, W, 3) pixels of a ``data:image/...;base64,`` URL."""
+    from PIL import Image
+
+    header, _, payload = url.partition(",")
+    if not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise ValueError(f"not a base64 image data URL: {header[:40]!r}")
+    with Image.open(io.BytesIO(base64.b64decode(payload))) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def request_parts(body: dict) -> tuple[str, list[str]]:
+    """The prompt text and the image URLs of a chat-completions request body."""
+    texts, urls = [], []
+    for message in body.get("messages", []):
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+            continue
+        for part in content or []:
+            if part.get("type") == "text":
+                texts.append(part["text"])
+            elif part.get("type") == "image_url":
+                urls.append(part["image_url"]["url"])
+    return "\n".join(texts), urls
+
+
+class FakeOpenAI:
+    """The fake server; a context manager that starts and stops it."""
+
+    def __init__(self, attributes: Sequence[str], scorer: Optional[Scorer] = None):
+        self.attributes = list(attributes)
+        self.scorer = scorer or table_scorer({a: i % 6 for i, a in enumerate(self.attributes)})
+        self.default = "ok"
+        self.retry_after = "0"
+        self.slow_seconds = 1.0
+        self.requests: list[dict[str, Any]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.behaviours: list[str] = []
+        self._script: list[str] = []
+        self._lock = threading.Lock()
+        self._httpd: Optional[ThreadingHTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+
+    # -- control ---------------------------------------------------------------------------
+    def script(self, behaviours: Sequence[str]) -> None:
+        with self._lock:
+            self._script.extend(behaviours)
+
+    @property
+    def base_url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def __enter__(self) -> "FakeOpenAI":
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+                fake._handle(self)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # -- answering --------------------------------------------------------------------------
+    def _next_behaviour(self) -> str:
+        with self._lock:
+            behaviour = self._script.pop(0) if self._script else self.default
+            self.behaviours.append(behaviour)
+            return behaviour
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw = handler.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        with self._lock:
+            self.requests.append({"path": handler.path, "headers": dict(handler.headers.items()), "body": body})
+        behaviour = self._next_behaviour()
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if handler.path.rstrip("/") != "/v1/chat/completions" or body is None:
+                return self._send(handler, 404, {"error": {"message": f"no route {handler.path}"}})
+            if behaviour == "429":
+                return self._send(handler, 429, {"error": {"message": "Rate limit reached", "type": "requests"}},
+                                  {"Retry-After": self.retry_after})
+            if behaviour == "500":
+                return self._send(handler, 500, {"error": {"message": "The server had an error", "type": "server_error"}})
+            if behaviour == "401":
+                return self._send(handler, 401, {"error": {"message": "Incorrect API key provided", "type": "auth"}})
+            if behaviour == "slow":
+                time.sleep(self.slow_seconds)
+            text = self._answer(body, behaviour)
+            reply = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
+                     "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": text}}],
+                     "usage": {"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105}}
+            self._send(handler, 200, reply)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (time-out)
+            pass
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _answer(self, body: dict, behaviour: str) -> str:
+        if behaviour == "garbage":
+            return "I am sorry, I cannot help with rating this picture."
+        text, urls = request_parts(body)
+        named = [a for a in self.attributes if f'"{a}"' in text]
+        image = decode_data_url(urls[0])
+        scores = {a: (7 if behaviour == "out_of_range" else int(self.scorer(a, image))) for a in named}
+        if len(named) == 1 and "JSON" not in text:
+            return str(scores[named[0]])
+        return "Here are the scores:\n```json\n" + json.dumps(scores) + "\n```"
+
+    @staticmethod
+    def _send(handler: BaseHTTPRequestHandler, status: int, payload: dict,
+              headers: Optional[dict[str, str]] = None) -> None:
+        data = json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        handler.end_headers()
+        handler.wfile.write(data)
+        handler.wfile.flush()
+
+
+def closed_port_url() -> str:
+    """A ``http://127.0.0.1:<port>/v1`` URL on which nothing listens."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+__all__ = ["FakeOpenAI", "table_scorer", "decode_data_url", "request_parts", "closed_port_url"]

@@ -1,0 +1,327 @@
+"""The ``openai`` oracle against a fake OpenAI-compatible server on 127.0.0.1."""
+
+import dataclasses
+import logging
+import time
+from email.utils import formatdate
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_openai import FakeOpenAI, closed_port_url, decode_data_url, request_parts
+
+from gem.interfaces import BuildContext, ImageDataset
+from gem.pipeline import score_images
+from gem.plugins import Registry, make_plugin_manager
+from gem.recipe import RecipeError, validate_recipe
+from gem_plugins import openai_oracle
+from gem_plugins.openai_oracle import OpenAIOracle, OpenAIOracleOptions, OracleError, parse_retry_after
+from gem_plugins.prompts import PROMPT_VERSION
+
+ATTRS = ["brightness", "redness", "size"]
+KEY = "sk-test-5ecr3t-DO-NOT-LEAK-0123456789"
+FAST = dict(backoff_base=0.001, backoff_max=0.01, timeout=5.0)
+
+
+def image_scorer(attribute, image):
+    """The fake model's answer: attribute k of an image is its channel k at pixel (0, 0) // 51."""
+    return int(image[0, 0, ATTRS.index(attribute)]) // 51
+
+
+def make_images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
+    truth = rng.integers(0, 6, size=(n, 3))
+    images[:, 0, 0, :] = np.minimum(truth * 51 + rng.integers(0, 51, size=(n, 3)), 255)
+    return images, truth.astype(float)
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAI(ATTRS, image_scorer) as fake:
+        yield fake
+
+
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv("GEM_TEST_OPENAI_KEY", KEY)
+    return "GEM_TEST_OPENAI_KEY"
+
+
+@pytest.fixture
+def make_oracle(server, key):
+    made = []
+
+    def make(**overrides):
+        options = OpenAIOracleOptions(**{"model": "fake-vision", "base_url": server.base_url, "api_key_env": key,
+                                         "max_concurrency": 1, **FAST, **overrides})
+        oracle = OpenAIOracle(options, BuildContext(seed=0, run_dir=Path("."), cache_dir=Path(".")))
+        made.append(oracle)
+        return oracle
+
+    yield make
+    for oracle in made:
+        oracle.close()
+
+
+def openai_registry():
+    registry = Registry(make_plugin_manager())
+    if "openai" not in registry.names("oracle"):  # not yet declared as an entry point
+        registry = Registry(make_plugin_manager(extra_plugins=(openai_oracle,)))
+    return registry
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, per_image", [("per_image", 1), ("per_attribute", len(ATTRS))])
+def test_scores_end_to_end(make_oracle, server, mode, per_image):
+    images, truth = make_images(5)
+    oracle = make_oracle(prompt_mode=mode, max_concurrency=3)
+    scores = oracle.score(images, np.arange(5), ATTRS)
+    np.testing.assert_array_equal(scores, truth)
+    assert len(server.requests) == 5 * per_image
+    stats = oracle.stats()
+    assert stats["requests"] == 5 * per_image
+    assert stats["retries"] == stats["failures"] == stats["rate_limited"] == stats["budget_exhausted"] == 0
+    assert stats["prompt_tokens"] == 100 * 5 * per_image and stats["completion_tokens"] == 5 * 5 * per_image
+    assert oracle.cache_key == f"openai/fake-vision/{mode}/{PROMPT_VERSION}"
+
+
+def test_request_carries_the_image_and_the_prompt(make_oracle, server):
+    images, _ = make_images(2)
+    oracle = make_oracle(prompt_mode="per_attribute", temperature=0.0)
+    oracle.score(images, np.arange(2), ATTRS)
+    seen = {}
+    for record in server.requests:
+        assert record["path"] == "/v1/chat/completions"
+        body = record["body"]
+        assert body["model"] == "fake-vision" and body["temperature"] == 0.0 and body["max_tokens"] >= 1
+        text, urls = request_parts(body)
+        assert len(urls) == 1 and urls[0].startswith("data:image/png;base64,")
+        named = [a for a in ATTRS if f'"{a}"' in text]
+        assert len(named) == 1 and f"Attribute: {named[0]}" in text and "0 to 5" in text
+        pixels = decode_data_url(urls[0])
+        row = next(i for i in range(2) if np.array_equal(pixels, images[i]))  # lossless PNG, same pixels
+        seen.setdefault(row, set()).add(named[0])
+    assert seen == {0: set(ATTRS), 1: set(ATTRS)}
+
+
+def test_per_image_prompt_names_all_attributes(make_oracle, server):
+    images, _ = make_images(1)
+    make_oracle().score(images, np.arange(1), ATTRS)
+    text, urls = request_parts(server.requests[0]["body"])
+    assert all(f'"{a}"' in text for a in ATTRS) and "JSON" in text and "0 to 5" in text
+    assert np.array_equal(decode_data_url(urls[0]), images[0])
+
+
+def test_jpeg_images(make_oracle, server):
+    images, _ = make_images(1)
+    make_oracle(image_format="jpeg", image_detail="low").score(images, np.arange(1), ATTRS)
+    part = server.requests[0]["body"]["messages"][0]["content"][1]
+    assert part["image_url"]["url"].startswith("data:image/jpeg;base64,") and part["image_url"]["detail"] == "low"
+    assert decode_data_url(part["image_url"]["url"]).shape == images[0].shape
+
+
+def test_concurrency_is_bounded(make_oracle, server):
+    server.default, server.slow_seconds = "slow", 0.1
+    images, truth = make_images(6)
+    scores = make_oracle(max_concurrency=2).score(images, np.arange(6), ATTRS)
+    np.testing.assert_array_equal(scores, truth)
+    assert server.max_in_flight == 2
+
+
+def test_pipeline_score_images(make_oracle):
+    images, truth = make_images(7)
+    dataset = ImageDataset(images=images, attributes=list(ATTRS))
+    scores = score_images(make_oracle(max_concurrency=4), dataset, np.arange(7), batch_size=3, show_progress=False)
+    np.testing.assert_array_equal(scores, truth)
+
+
+# -- the API key -------------------------------------------------------------------------------
+
+def test_authorization_header_and_the_key_stays_secret(make_oracle, server, caplog):
+    caplog.set_level(logging.DEBUG)
+    images, _ = make_images(1)
+    oracle = make_oracle()
+    server.script(["500", "401"])
+    with pytest.raises(OracleError) as info:
+        oracle.score(images, np.arange(1), ATTRS)
+    assert "401" in str(info.value) and server.base_url in str(info.value)
+    assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests)
+    for text in (repr(oracle), str(oracle), repr(oracle.options), str(oracle.stats()), oracle.cache_key,
+                 str(info.value), caplog.text, repr(vars(oracle)), repr(dataclasses.asdict(oracle.options))):
+        assert KEY not in text
+
+
+@pytest.mark.parametrize("env", [None, ""])
+def test_no_key_for_a_local_server(server, env):
+    images, truth = make_images(2)
+    oracle = OpenAIOracle(OpenAIOracleOptions(base_url=server.base_url, api_key_env=env, **FAST))
+    try:
+        np.testing.assert_array_equal(oracle.score(images, np.arange(2), ATTRS), truth)
+    finally:
+        oracle.close()
+    assert all("Authorization" not in r["headers"] for r in server.requests)
+
+
+@pytest.mark.parametrize("value", [None, "", "   "])
+def test_missing_key_is_an_error_at_build(monkeypatch, tmp_path, value):
+    if value is None:
+        monkeypatch.delenv("GEM_TEST_MISSING_KEY", raising=False)
+    else:
+        monkeypatch.setenv("GEM_TEST_MISSING_KEY", value)
+    reg = openai_registry().get("oracle", "openai")
+    options = reg.options(api_key_env="GEM_TEST_MISSING_KEY")
+    with pytest.raises(OracleError, match="GEM_TEST_MISSING_KEY") as info:
+        reg.build(options, BuildContext(seed=0, run_dir=tmp_path, cache_dir=tmp_path))
+    assert "unset or empty" in str(info.value)
+
+
+def test_a_key_pasted_into_api_key_env_is_refused_without_echo():
+    with pytest.raises(ValueError, match="NAME of an environment variable") as info:
+        OpenAIOracleOptions(api_key_env=KEY)
+    assert KEY not in str(info.value)
+
+
+def test_recipe_validation(tmp_path):
+    registry = openai_registry()
+    recipe = validate_recipe({"oracle": {"plugin": "openai", "api_key_env": None, "base_url": "http://localhost:8000/v1",
+                                         "model": "llava", "prompt_mode": "per_attribute", "max_requests": 100,
+                                         "image_detail": "low", "timeout": 30}}, registry)
+    opts = recipe.plugin_options["oracle"]
+    assert opts.api_key_env is None and opts.max_requests == 100 and opts.prompt_mode == "per_attribute"
+    assert recipe.to_dict()["oracle"]["max_concurrency"] == 8
+    with pytest.raises(RecipeError, match="prompt_mode"):
+        validate_recipe({"oracle": {"plugin": "openai", "prompt_mode": "batch"}}, registry)
+    with pytest.raises(RecipeError, match="max_concurrency"):
+        validate_recipe({"oracle": {"plugin": "openai", "max_concurrency": 0}}, registry)
+
+
+def test_defaults():
+    o = OpenAIOracleOptions()
+    assert (o.model, o.base_url, o.api_key_env, o.prompt_mode, o.temperature, o.timeout, o.max_concurrency,
+            o.max_requests, o.max_retries, o.image_format, o.backoff_base, o.backoff_max) == \
+        ("gpt-4o", "https://api.openai.com/v1", "OPENAI_API_KEY", "per_image", 0.0, 60.0, 8, None, 5, "png", 1.0, 60.0)
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+def test_429_honours_retry_after_then_succeeds(make_oracle, server):
+    server.retry_after = "0.15"
+    server.script(["429", "429"])
+    images, truth = make_images(1)
+    oracle = make_oracle(backoff_max=5.0)
+    started = time.perf_counter()
+    np.testing.assert_array_equal(oracle.score(images, np.arange(1), ATTRS), truth)
+    assert time.perf_counter() - started >= 0.3  # two waits of Retry-After, not the 1 ms backoff
+    stats = oracle.stats()
+    assert (stats["requests"], stats["retries"], stats["rate_limited"], stats["failures"]) == (3, 2, 2, 0)
+
+
+def test_retry_after_is_capped(make_oracle, server):
+    server.retry_after = "3600"
+    server.script(["429"])
+    images, truth = make_images(1)
+    started = time.perf_counter()
+    np.testing.assert_array_equal(make_oracle(backoff_max=0.05).score(images, np.arange(1), ATTRS), truth)
+    assert time.perf_counter() - started < 2
+
+
+def test_parse_retry_after():
+    now = time.time()
+    assert parse_retry_after("3") == 3.0 and parse_retry_after("0.5") == 0.5
+    assert parse_retry_after(formatdate(now + 10, usegmt=True), now=now) == pytest.approx(10, abs=1)
+    assert parse_retry_after(formatdate(now - 10, usegmt=True), now=now) == 0.0
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+def test_backoff_grows_with_jitter_and_is_capped():
+    oracle = OpenAIOracle(OpenAIOracleOptions(api_key_env=None, backoff_base=1.0, backoff_max=60.0))
+    try:
+        for attempt, cap in [(0, 1), (1, 2), (3, 8), (10, 60)]:
+            delays = [oracle._delay(attempt, None) for _ in range(50)]
+            assert all(cap / 2 <= d <= cap for d in delays) and len(set(delays)) > 1
+        assert oracle._delay(0, 7.0) == 7.0 and oracle._delay(0, 600.0) == 60.0
+    finally:
+        oracle.close()
+
+
+def test_500_then_success(make_oracle, server):
+    server.script(["500"])
+    images, truth = make_images(2)
+    oracle = make_oracle()
+    np.testing.assert_array_equal(oracle.score(images, np.arange(2), ATTRS), truth)
+    stats = oracle.stats()
+    assert (stats["requests"], stats["retries"], stats["server_errors"], stats["failures"]) == (3, 1, 1, 0)
+
+
+def test_500_after_max_retries_is_missing(make_oracle, server):
+    server.script(["500"] * 3)  # every try of the first image (max_retries=2)
+    images, truth = make_images(2)
+    oracle = make_oracle(max_retries=2)
+    scores = oracle.score(images, np.arange(2), ATTRS)
+    assert np.isnan(scores[0]).all()
+    np.testing.assert_array_equal(scores[1], truth[1])
+    stats = oracle.stats()
+    assert (stats["requests"], stats["retries"], stats["server_errors"], stats["failures"]) == (4, 2, 3, 3)
+
+
+def test_timeout_then_success_and_timeout_exhausted(make_oracle, server):
+    server.slow_seconds = 0.5
+    server.script(["slow", "ok", "slow", "slow"])
+    images, truth = make_images(2)
+    oracle = make_oracle(timeout=0.1, max_retries=1)
+    scores = oracle.score(images, np.arange(2), ATTRS)
+    np.testing.assert_array_equal(scores[0], truth[0])  # timed out once, then answered
+    assert np.isnan(scores[1]).all()  # timed out on both tries: missing
+    stats = oracle.stats()
+    assert (stats["requests"], stats["retries"], stats["transport_errors"], stats["failures"]) == (4, 2, 3, 3)
+
+
+@pytest.mark.parametrize("mode", ["per_image", "per_attribute"])
+@pytest.mark.parametrize("bad", ["garbage", "out_of_range"])
+def test_invalid_replies_are_retried_then_missing(make_oracle, server, bad, mode):
+    images, truth = make_images(1)
+    oracle = make_oracle(prompt_mode=mode, max_retries=2)
+    server.script([bad])
+    np.testing.assert_array_equal(oracle.score(images, np.arange(1), ATTRS), truth)  # retried, then valid
+    assert oracle.stats()["invalid_replies"] == 1 and oracle.stats()["failures"] == 0
+    server.default = bad
+    scores = oracle.score(images, np.arange(1), ATTRS)
+    assert np.isnan(scores).all()  # NaN, never 0
+    stats = oracle.stats()
+    calls = 1 if mode == "per_image" else len(ATTRS)
+    assert stats["failures"] == len(ATTRS)
+    assert stats["invalid_replies"] == 1 + 3 * calls and stats["retries"] == 1 + 2 * calls
+
+
+def test_unreachable_server_raises_naming_the_url(key):
+    url = closed_port_url()
+    oracle = OpenAIOracle(OpenAIOracleOptions(base_url=url, api_key_env=key, max_retries=1, **FAST))
+    images, _ = make_images(2)
+    try:
+        with pytest.raises(OracleError, match=r"cannot reach http://127\.0\.0\.1:\d+/v1/chat/completions: "
+                                              r"Connection refused") as info:
+            oracle.score(images, np.arange(2), ATTRS)
+        assert KEY not in str(info.value)
+        stats = oracle.stats()
+        assert stats["requests"] == 4 and stats["transport_errors"] == 4 and stats["failures"] == 6
+    finally:
+        oracle.close()
+
+
+@pytest.mark.parametrize("mode", ["per_image", "per_attribute"])
+def test_budget_stops_requests_and_records_missing(make_oracle, server, mode):
+    images, truth = make_images(4)
+    oracle = make_oracle(prompt_mode=mode, max_requests=3)
+    with pytest.warns(RuntimeWarning, match="max_requests=3"):
+        scores = oracle.score(images, np.arange(4), ATTRS)
+    assert len(server.requests) == 3
+    scored = ~np.isnan(scores)
+    assert scored.sum() == (9 if mode == "per_image" else 3)
+    np.testing.assert_array_equal(scores[scored], truth[scored])
+    stats = oracle.stats()
+    assert stats["requests"] == 3 and stats["budget_exhausted"] == 12 - scored.sum() and stats["failures"] == 0
+    assert any("max_requests=3" in note for note in oracle.notes)
+    assert np.isnan(oracle.score(images, np.arange(4), ATTRS)).all()  # nothing more is sent
+    assert len(server.requests) == 3 and oracle.stats()["budget_exhausted"] == 24 - scored.sum()
