@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from gem import __version__
 from gem.plugins import STAGES, PluginError, Registry, describe_plugins, make_plugin_manager
-from gem.recipe import RecipeError, apply_overrides, load_recipe_file, validate_recipe
+from gem.recipe import DEFAULT_RECIPE, RecipeError, apply_overrides, load_recipe_file, validate_recipe
 
 #: Errors a user can fix from the message alone: shown without a traceback unless --debug.
 USER_ERRORS = (RecipeError, PluginError, FileNotFoundError, ValueError, ImportError)
@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
     from gem.pipeline import make_run_dir, run_recipe
     from gem.report import format_summary
 
-    data = load_recipe_file(args.recipe) if args.recipe else {}
+    data = load_recipe_file(args.recipe) if args.recipe else DEFAULT_RECIPE
     data = apply_overrides(data, args.overrides)
     registry = Registry(make_plugin_manager())
     recipe = validate_recipe(data, registry)

@@ -160,7 +160,8 @@ class Extractor(nn.Module, abc.ABC):
         """One optimisation step on a float batch x in [0, 1] (B, 3, H, W); returns loss terms.
 
         Gradients that reach the relation graph through ``relate`` are left in place for the
-        graph learner's optimiser; the extractor must not zero them.
+        graph learner's optimiser; the extractor must not zero them. ``relate.is_bound`` is
+        False during the warm-up, when z_rel == z.
         """
 
     @abc.abstractmethod

@@ -18,12 +18,14 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from gem import evaluation, report
+from gem.run_report import run_summary, write_run_report
 from gem.binding import bind_latents
 from gem.interfaces import BuildContext, ImageDataset, Ranking, RelationOracle
 from gem.io import atomic_write_text, write_json
 from gem.plugins import Registry
 from gem.recipe import Recipe
 from gem.relations import RelationModel
+from gem.score_cache import ScoreCache, image_hash
 from gem.training import Trainer, encode_images
 
 
@@ -50,19 +52,44 @@ def make_run_dir(recipe: Recipe, out: Optional[Path] = None) -> Path:
 
 
 def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndarray, batch_size: int,
-                 show_progress: bool = True) -> np.ndarray:
-    """Oracle scores (len(indices), n) in batches, NaN where the oracle gave no valid score."""
-    n = len(dataset.attributes)
-    scores = np.full((len(indices), n), np.nan)
-    with tqdm(total=len(indices), desc="score", unit="img", disable=not show_progress) as bar:
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            result = np.asarray(oracle.score(np.asarray(dataset.images[chunk]), chunk, dataset.attributes), dtype=float)
-            if result.shape != (len(chunk), n):
-                raise ValueError(f"oracle returned scores of shape {result.shape}, expected {(len(chunk), n)}")
-            scores[start:start + len(chunk)] = result
-            bar.update(len(chunk))
-    return scores
+                 cache: Optional[ScoreCache] = None, show_progress: bool = True) -> tuple[np.ndarray, dict[str, int]]:
+    """Oracle scores (len(indices), n), NaN where the oracle gave no valid score.
+
+    With a cache (and an oracle that has a ``cache_key``) cached scores are reused and only the
+    missing image-attribute pairs are asked; each scored batch is committed at once.
+    Returns the scores and counters (``cache_hits``, ``images_asked``).
+    """
+    attributes = list(dataset.attributes)
+    scores = np.full((len(indices), len(attributes)), np.nan)
+    key = getattr(oracle, "cache_key", "") if cache is not None else ""
+    hashes = [image_hash(dataset.images[i]) for i in indices] if key else []
+    if key:
+        scores[:] = cache.get(key, hashes, attributes)
+    cache_hits = int((~np.isnan(scores)).sum())
+    # Ask each image only for what is missing; images missing the same attributes go together.
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row in np.flatnonzero(np.isnan(scores).any(axis=1)):
+        groups.setdefault(tuple(np.flatnonzero(np.isnan(scores[row]))), []).append(int(row))
+    asked = sum(len(rows) for rows in groups.values())
+    with tqdm(total=asked, desc="score", unit="img", disable=not show_progress) as bar:
+        for cols, rows in groups.items():
+            names = [attributes[j] for j in cols]
+            for start in range(0, len(rows), batch_size):
+                chunk = np.asarray(rows[start:start + batch_size])
+                result = np.asarray(oracle.score(np.asarray(dataset.images[indices[chunk]]), indices[chunk], names),
+                                    dtype=float)
+                if result.shape != (len(chunk), len(names)):
+                    raise ValueError(f"oracle returned scores of shape {result.shape}, expected {(len(chunk), len(names))}")
+                bad = ~np.isnan(result) & ((result < 0) | (result > 5))
+                if bad.any():
+                    i, j = np.argwhere(bad)[0]
+                    raise ValueError(f"oracle returned {result[i, j]} for {names[j]!r} of image {indices[chunk][i]}; "
+                                     "scores must be in 0..5 or NaN for missing")
+                scores[np.ix_(chunk, cols)] = result
+                if key:
+                    cache.put(key, [hashes[r] for r in chunk], names, result)
+                bar.update(len(chunk))
+    return scores, {"cache_hits": cache_hits, "images_asked": asked}
 
 
 def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
@@ -99,12 +126,27 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     n_eval = min(recipe.evaluation.n_images, len(dataset) // 5)
     train_idx = np.arange(len(dataset) - n_eval)
     eval_idx = np.arange(len(dataset) - n_eval, len(dataset))
-    scored_idx = np.arange(min(recipe.scoring.n_images, len(train_idx)))
+    n_scored = min(recipe.scoring.n_images, len(train_idx))
+    if dataset.sample_weights is None:
+        scored_idx = np.arange(n_scored)
+    else:
+        # Correlated sampling: the oracle sees images drawn as training draws them.
+        weights = np.asarray(dataset.sample_weights, dtype=float)[train_idx]
+        rng = np.random.default_rng(recipe.seed)
+        scored_idx = np.sort(rng.choice(train_idx, size=n_scored, replace=True, p=weights / weights.sum()))
     pm.hook.gem_on_stage_end(stage="data", outputs={"dataset": dataset})
 
     # 2. Oracle scores for the first N_rel images.
     oracle: RelationOracle = build("oracle")
-    scores = score_images(oracle, dataset, scored_idx, recipe.scoring.batch_size, show_progress=main)
+    cache = ScoreCache(context.cache_dir / "oracle_scores.sqlite") if recipe.scoring.cache else None
+    try:
+        scores, score_counts = score_images(oracle, dataset, scored_idx, recipe.scoring.batch_size, cache,
+                                            show_progress=main)
+        oracle_counters = {**score_counts, **getattr(oracle, "stats", dict)()}
+    finally:
+        getattr(oracle, "close", lambda: None)()
+        if cache is not None:
+            cache.close()
     if main:
         _write_scores(run_dir / "scores.csv", scored_idx, dataset.attributes, scores)
     pm.hook.gem_on_stage_end(stage="scores", outputs={"scores": scores, "indices": scored_idx})
@@ -144,20 +186,23 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
         "disentanglement": evaluation.disentanglement_metrics(model, rel, dataset, eval_idx, acc.device),
         "binding": {"latent_of": {a: int(k) for a, k in zip(dataset.attributes, binding.latent_of)},
                     "sign": {a: int(s) for a, s in zip(dataset.attributes, binding.sign)}},
-        "oracle": _oracle_stats(scores),
+        "oracle": {**_oracle_stats(scores), **oracle_counters},
         "training": {"steps": topts.steps, "seconds": train_seconds,
                      "steps_per_second": topts.steps / max(train_seconds, 1e-9),
                      "parameters": sum(p.numel() for p in model.parameters()),
                      "device": str(acc.device), "processes": acc.num_processes},
     }
-    summary = {}
+    result_metrics["data"] = {"images": len(dataset), "held_out": len(eval_idx), "scored": len(scored_idx),
+                              **{k: v for k, v in dataset.info.items()}}
     if main:
-        summary = _write_outputs(run_dir, recipe, dataset, scores, ranking, learned, trainer, model, rel,
-                                 eval_idx, result_metrics, acc.device)
+        _write_outputs(run_dir, recipe, dataset, scores, ranking, learned, trainer, model, rel,
+                       eval_idx, result_metrics, acc.device)
     result_metrics["run_seconds"] = time.perf_counter() - started
-    summary["run time (s)"] = result_metrics["run_seconds"]
+    summary = run_summary(result_metrics)
+    summary["run folder"] = str(run_dir)
     if main:
         write_json(run_dir / "metrics.json", result_metrics)
+        write_run_report(run_dir)
     pm.hook.gem_on_stage_end(stage="report", outputs={"metrics": result_metrics, "run_dir": run_dir})
     acc.wait_for_everyone()
     return RunResult(run_dir, result_metrics, summary)
@@ -181,7 +226,7 @@ def _oracle_stats(scores: np.ndarray) -> dict[str, Any]:
 
 def _write_outputs(run_dir: Path, recipe: Recipe, dataset: ImageDataset, scores: np.ndarray, ranking: Ranking,
                    learned: np.ndarray, trainer: Trainer, model, rel, eval_idx: np.ndarray,
-                   result_metrics: dict, device) -> dict[str, Any]:
+                   result_metrics: dict, device) -> None:
     attrs = list(dataset.attributes)
     fig = run_dir / "figures"
     impact = {"attributes": attrs, "oracle_impact": ranking.impact, "ci_low": ranking.ci_low,
@@ -218,50 +263,3 @@ def _write_outputs(run_dir: Path, recipe: Recipe, dataset: ImageDataset, scores:
     report.plot_loss_curves(trainer.history, fig / "loss_curves.png", "training losses")
     report.plot_score_histogram(scores, attrs, fig / "oracle_scores.png", "oracle scores")
 
-    rec, rels = result_metrics["reconstruction"], result_metrics["relations"]
-    summary: dict[str, Any] = {"run folder": str(run_dir), "recon MSE": rec["mse"], "recon PSNR (dB)": rec["psnr"]}
-    if "learned_vs_true" in rels:
-        summary["|A - true| (MAE)"] = rels["learned_vs_true"]["mae"]
-        summary["|S - true| (MAE)"] = rels["oracle_vs_true"]["mae"]
-        summary["sign agreement A/true"] = rels["learned_vs_true"]["sign_agreement"]
-    if "spearman_mcc" in result_metrics["disentanglement"]:
-        summary["Spearman MCC"] = result_metrics["disentanglement"]["spearman_mcc"]
-    summary["train steps/s"] = result_metrics["training"]["steps_per_second"]
-
-    doc = report.Report(f"gem run: {recipe.name}")
-    doc.add_table("Summary", summary)
-    doc.add_text("Recipe", f"Data set `{recipe.plugin_name('dataset')}`, extractor `{recipe.plugin_name('extractor')}`, "
-                           f"oracle `{recipe.plugin_name('oracle')}`, ranker `{recipe.plugin_name('ranker')}`, "
-                           f"graph learner `{recipe.plugin_name('graph')}`; {recipe.training.steps} steps "
-                           f"({recipe.training.warmup_steps} warm-up), batch {recipe.training.batch_size}, "
-                           f"seed {recipe.seed}. The full resolved recipe is in recipe.yaml.")
-    doc.add_image("Relation-aware traversals", fig / "traversal_relation_aware.png",
-                  "Each row sets one attribute's latent from low to high and decodes A^T z: "
-                  "the attributes it influences move with it.")
-    doc.add_image("Independent traversals", fig / "traversal_independent.png",
-                  "Each row changes only that attribute's decoder input.")
-    doc.add_image("Impact scores", fig / "impact_heatmap.png",
-                  f"Somers' D from {ranking.n_used} scored images; row i is the independent variable. "
-                  "Brackets: bootstrap confidence interval.")
-    doc.add_image("Relations: true, oracle and learned", fig / "relations.png")
-    for note in ranking.notes:
-        doc.add_text("Ranker note", note)
-    rel_rows = [{"comparison": k.replace("_", " "), **v} for k, v in rels.items()]
-    doc.add_table("Relation recovery", rel_rows, "Off-diagonal mean/max absolute error and sign agreement.")
-    doc.add_table("Reconstruction (held-out images)", {**rec, "images": len(eval_idx)})
-    if result_metrics["disentanglement"]:
-        dis = result_metrics["disentanglement"]
-        doc.add_table("Disentanglement", {"Spearman MCC": dis["spearman_mcc"],
-                                          **{f"|ρ| bound latent ~ {k}": abs(v) for k, v in dis.get("bound_rho", {}).items()}})
-    doc.add_table("Binding of latents to attributes",
-                  [{"attribute": a, "latent": result_metrics["binding"]["latent_of"][a],
-                    "sign": result_metrics["binding"]["sign"][a]} for a in attrs])
-    doc.add_image("Training curves", fig / "loss_curves.png")
-    doc.add_image("Oracle scores", fig / "oracle_scores.png")
-    doc.add_table("Oracle", result_metrics["oracle"])
-    if dataset.info:
-        doc.add_table("Data set", {k: v if isinstance(v, (int, float, str)) else yaml.safe_dump(v, default_flow_style=True).strip()
-                                   for k, v in dataset.info.items()})
-    doc.add_table("Training", result_metrics["training"])
-    doc.write(run_dir)
-    return summary

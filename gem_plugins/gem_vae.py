@@ -24,6 +24,9 @@ class GemVAEOptions:
     """Weight of the β-VAE term (paper Eq. 6)."""
     adversarial: bool = True
     """False drops the discriminator (the 'without adversarial term' ablation)."""
+    adversarial_from_binding: bool = True
+    """Train the discriminator only once the relation graph is on. Before latents are bound the
+    decoder reads z itself, the N(0, I) assumption of the β-VAE holds and the term is not needed."""
     lr: float = 1e-4
     disc_lr: float = 1e-4
     latent_dim: Optional[int] = None
@@ -84,7 +87,9 @@ class GemVAE(Extractor):
         loss = opts.lambda_dis * loss_dis
         logs = {k: v.item() for k, v in terms.items()}
 
-        if self.discriminator is not None:
+        use_adversarial = self.discriminator is not None and (
+            not opts.adversarial_from_binding or getattr(relate, "is_bound", True))
+        if use_adversarial:
             z_prior = torch.randn_like(z)
             x_fake = torch.sigmoid(self.decoder(relate(z_prior)))
             # Discriminator step on detached pairs.

@@ -17,8 +17,15 @@ def test_defaults_are_the_synthetic_recipe(registry):
 
 
 def test_shipped_synthetic_recipe_equals_the_built_in_default(registry):
+    from gem.recipe import DEFAULT_RECIPE
+
     shipped = validate_recipe(load_recipe_file(ROOT / "recipes" / "synthetic.yaml"), registry)
-    assert shipped.to_dict() == validate_recipe({}, registry).to_dict()
+    assert shipped.to_dict() == validate_recipe(DEFAULT_RECIPE, registry).to_dict()
+
+
+def test_every_shipped_recipe_validates(registry):
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        validate_recipe(load_recipe_file(path), registry)
 
 
 def test_unknown_key_names_key_and_allowed(registry):

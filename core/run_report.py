@@ -1,0 +1,105 @@
+"""The run report, built from the files in a run folder alone.
+
+``gem-run`` writes it at the end of a run and ``gem eval`` writes it again after adding
+metrics, so everything a run folder holds is shown, whoever computed it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gem.report import Report
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers printed at the end of a run and shown first in the report."""
+    rec = metrics.get("reconstruction", {})
+    rels = metrics.get("relations", {})
+    summary: dict[str, Any] = {}
+    if rec:
+        summary["recon MSE"] = rec["mse"]
+        summary["recon PSNR (dB)"] = rec["psnr"]
+    if "learned_vs_true" in rels:
+        summary["|A - true| (MAE)"] = rels["learned_vs_true"]["mae"]
+        summary["|S - true| (MAE)"] = rels["oracle_vs_true"]["mae"]
+        summary["sign agreement A/true"] = rels["learned_vs_true"]["sign_agreement"]
+    dis = metrics.get("disentanglement", {})
+    for key in ("spearman_mcc", "mig", "dci_disentanglement"):
+        if key in dis:
+            summary[key.replace("_", " ")] = dis[key]
+    if "training" in metrics:
+        summary["train steps/s"] = metrics["training"]["steps_per_second"]
+    if "run_seconds" in metrics:
+        summary["run time (s)"] = metrics["run_seconds"]
+    return summary
+
+
+def _flat(value: Any) -> Any:
+    if isinstance(value, (int, float, str)) or value is None:
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=120).strip()
+
+
+def write_run_report(run_dir: Path) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` from what the run folder holds."""
+    run_dir = Path(run_dir)
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
+    metrics = _load(run_dir / "metrics.json") or {}
+    impact = _load(run_dir / "impact.json") or {}
+    fig = run_dir / "figures"
+
+    doc = Report(f"gem run: {recipe.get('name', run_dir.name)}")
+    doc.add_table("Summary", run_summary(metrics))
+    if recipe:
+        plugins = {stage: recipe.get(stage, {}).get("plugin") for stage in ("dataset", "extractor", "oracle", "ranker", "graph")}
+        training = recipe.get("training", {})
+        doc.add_text("Recipe", f"Data set `{plugins['dataset']}`, extractor `{plugins['extractor']}`, oracle "
+                               f"`{plugins['oracle']}`, ranker `{plugins['ranker']}`, graph learner `{plugins['graph']}`; "
+                               f"{training.get('steps')} steps ({training.get('warmup_steps')} warm-up), batch "
+                               f"{training.get('batch_size')}, seed {recipe.get('seed')}. The resolved recipe is in recipe.yaml.")
+    images = [
+        ("Relation-aware traversals", "traversal_relation_aware.png",
+         "Each row sets one attribute's latent from low to high and decodes Aᵀz: the attributes it "
+         "influences move with it."),
+        ("Independent traversals", "traversal_independent.png", "Each row changes only that attribute's decoder input."),
+        ("Impact scores", "impact_heatmap.png",
+         f"Somers' D from {impact.get('images_used', '?')} scored images; row i is the independent variable. "
+         "Brackets: bootstrap confidence interval."),
+        ("Relations: true, oracle and learned", "relations.png", ""),
+    ]
+    for heading, name, caption in images:
+        if (fig / name).is_file():
+            doc.add_image(heading, fig / name, caption)
+    for note in impact.get("notes", []):
+        doc.add_text("Ranker note", note)
+    rels = metrics.get("relations", {})
+    if rels:
+        doc.add_table("Relation recovery", [{"comparison": k.replace("_", " "), **v} for k, v in rels.items()],
+                      "Off-diagonal mean/max absolute error and sign agreement (edges with |true| > 0.05).")
+    if "reconstruction" in metrics:
+        doc.add_table("Reconstruction (held-out images)", metrics["reconstruction"])
+    dis = metrics.get("disentanglement", {})
+    if dis:
+        rows = {k: v for k, v in dis.items() if not isinstance(v, dict)}
+        rows.update({f"|ρ| bound latent ~ {k}": abs(v) for k, v in dis.get("bound_rho", {}).items()})
+        doc.add_table("Disentanglement", rows)
+    binding = metrics.get("binding")
+    if binding:
+        doc.add_table("Binding of latents to attributes",
+                      [{"attribute": a, "latent": k, "sign": binding["sign"][a]} for a, k in binding["latent_of"].items()])
+    for heading, name in (("Training curves", "loss_curves.png"), ("Oracle scores", "oracle_scores.png")):
+        if (fig / name).is_file():
+            doc.add_image(heading, fig / name)
+    for section, heading in (("oracle", "Oracle"), ("data", "Data set"), ("training", "Training"),
+                             ("fidelity", "Fidelity"), ("efficiency", "Efficiency")):
+        if metrics.get(section):
+            doc.add_table(heading, {k: _flat(v) for k, v in metrics[section].items()})
+    return doc.write(run_dir)
