@@ -77,11 +77,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_plugins.add_argument("--json", action="store_true", help="machine-readable output")
     p_plugins.add_argument("--debug", action="store_true")
     sub.add_parser("run", help="run a recipe (same as gem-run)", add_help=False)
+    sub.add_parser("eval", help="evaluate a finished run folder (metrics, figures, report)", add_help=False)
     sub.add_parser("oracle-eval", help="score images with the recipe's oracle and compare with the data set's labels",
                    add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:
         return run_main(argv[1:], prog="gem run")
+    if argv[:1] == ["eval"]:
+        from gem.eval_command import eval_main
+
+        return eval_main(argv[1:])
     if argv[:1] == ["oracle-eval"]:
         from gem.oracle_eval import oracle_main
 

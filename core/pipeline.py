@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,7 +19,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from gem import evaluation, report
+from gem.eval_command import END_OF_RUN, evaluate_run
 from gem.run_report import run_summary, write_run_report
+from gem.runs import split_indices
 from gem.binding import bind_latents
 from gem.interfaces import BuildContext, ImageDataset, Ranking, RelationOracle
 from gem.io import atomic_write_text, write_json
@@ -123,17 +126,7 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
         raise DataError(f"data set {recipe.plugin_name('dataset')!r} names no attributes")
     context.dataset, context.attributes = dataset, list(dataset.attributes)
     n = len(dataset.attributes)
-    n_eval = min(recipe.evaluation.n_images, len(dataset) // 5)
-    train_idx = np.arange(len(dataset) - n_eval)
-    eval_idx = np.arange(len(dataset) - n_eval, len(dataset))
-    n_scored = min(recipe.scoring.n_images, len(train_idx))
-    if dataset.sample_weights is None:
-        scored_idx = np.arange(n_scored)
-    else:
-        # Correlated sampling: the oracle sees images drawn as training draws them.
-        weights = np.asarray(dataset.sample_weights, dtype=float)[train_idx]
-        rng = np.random.default_rng(recipe.seed)
-        scored_idx = np.sort(rng.choice(train_idx, size=n_scored, replace=True, p=weights / weights.sum()))
+    train_idx, eval_idx, scored_idx = split_indices(recipe, dataset)
     pm.hook.gem_on_stage_end(stage="data", outputs={"dataset": dataset})
 
     # 2. Oracle scores for the first N_rel images.
@@ -197,6 +190,10 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     if main:
         _write_outputs(run_dir, recipe, dataset, scores, ranking, learned, trainer, model, rel,
                        eval_idx, result_metrics, acc.device)
+        if recipe.evaluation.full_metrics:
+            write_json(run_dir / "metrics.json", result_metrics)
+            evaluate_run(run_dir, registry=registry, accelerator=acc, write_report=False, **END_OF_RUN)
+            result_metrics = json.loads((run_dir / "metrics.json").read_text())
     result_metrics["run_seconds"] = time.perf_counter() - started
     summary = run_summary(result_metrics)
     summary["run folder"] = str(run_dir)

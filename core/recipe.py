@@ -59,6 +59,8 @@ class EvaluationOptions:
 
     n_images: int = 2000
     """Held-out images (the last ones of the data set) for reconstruction metrics."""
+    full_metrics: bool = True
+    """Run ``gem eval``'s metrics (MIG, DCI, SAP, ... , efficiency) at the end of the run."""
     traversal_range: float = 2.5
     traversal_steps: int = 9
     traversal_image: int = 0

@@ -91,6 +91,21 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
         rows = {k: v for k, v in dis.items() if not isinstance(v, dict)}
         rows.update({f"|ρ| bound latent ~ {k}": abs(v) for k, v in dis.get("bound_rho", {}).items()})
         doc.add_table("Disentanglement", rows)
+    if (fig / "disentanglement.png").is_file():
+        doc.add_image("Disentanglement metrics", fig / "disentanglement.png",
+                      "disentanglement_lib's metrics on the bound latent means (gem eval).")
+    if (fig / "relation_error.png").is_file():
+        doc.add_image("Relation error per edge", fig / "relation_error.png",
+                      "|S − true| with bootstrap intervals over the scored images; dots: |A − true| of the learned graph.")
+    quality = metrics.get("oracle_quality")
+    if quality:
+        doc.add_table("Oracle quality",
+                      [{"attribute": a, "accuracy": quality["accuracy"][a], "missing rate": quality["missing_rate"][a]}
+                       for a in quality["accuracy"]],
+                      f"Mean accuracy {quality['accuracy_mean']:.3g}, all-zero answers {quality['all_zero_rate']:.3g}, "
+                      f"{quality['n_images']} images.")
+    for note in metrics.get("eval", {}).get("notes", []):
+        doc.add_text("Evaluation note", note)
     binding = metrics.get("binding")
     if binding:
         doc.add_table("Binding of latents to attributes",

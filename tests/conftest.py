@@ -25,7 +25,7 @@ TINY_RECIPE = {
     "ranker": {"plugin": "somersd", "bootstrap": 20},
     "training": {"steps": 12, "warmup_steps": 4, "batch_size": 8, "log_every": 4, "cpu": True},
     "scoring": {"n_images": 300, "batch_size": 64},
-    "evaluation": {"n_images": 40, "traversal_steps": 5},
+    "evaluation": {"n_images": 40, "traversal_steps": 5, "full_metrics": False},
 }
 
 

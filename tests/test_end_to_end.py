@@ -25,6 +25,7 @@ def tiny_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("e2e")
     recipe = dict(TINY_RECIPE, cache_dir=str(tmp / "cache"), out=str(tmp / "runs"))
+    recipe["evaluation"] = dict(recipe["evaluation"], full_metrics=True)  # gem eval at the end of the run
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run_dir = tmp / "run"
@@ -78,6 +79,9 @@ def test_metrics_and_report(tiny_run):
     assert metrics["reconstruction"]["psnr"] == pytest.approx(10 * np.log10(1 / metrics["reconstruction"]["mse"]))
     assert metrics["relations"]["oracle_vs_true"]["mae"] < 0.06
     assert metrics["training"]["steps"] == 16
+    for key in ("mig", "dci_disentanglement", "sap", "factorvae_score", "spearman_mcc"):
+        assert 0 <= metrics["disentanglement"][key] <= 1, key
+    assert metrics["efficiency"]["params_m"] > 0
     assert metrics["oracle"]["images_scored"] == 300 and metrics["oracle"]["missing_scores"] == 0
     history = json.loads((tiny_run / "history.json").read_text())
     assert history[-1]["step"] == 16 and "recon" in history[-1] and "adv_d" in history[-1]

@@ -133,7 +133,7 @@ def test_concurrency_is_bounded(make_oracle, server):
 def test_pipeline_score_images(make_oracle):
     images, truth = make_images(7)
     dataset = ImageDataset(images=images, attributes=list(ATTRS))
-    scores = score_images(make_oracle(max_concurrency=4), dataset, np.arange(7), batch_size=3, show_progress=False)
+    scores, _ = score_images(make_oracle(max_concurrency=4), dataset, np.arange(7), batch_size=3, show_progress=False)
     np.testing.assert_array_equal(scores, truth)
 
 
