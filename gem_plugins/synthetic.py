@@ -39,7 +39,7 @@ FACTOR_LEVELS: dict[str, int] = {
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "cross")
 
 #: Bump when the pictures change, so stale caches are not reused.
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 
 _HORIZON = 0.6          # floor starts at this fraction of the height
 _GROUND = 0.9           # bottom of the (unrotated) object
@@ -50,8 +50,13 @@ _CROSS_ARM = 0.4        # half-width of a cross arm relative to its half-length
 _BATCH = 512
 
 
+#: Hues run from red (0) to violet (0.8) without wrapping round to red again, so the classes of a
+#: hue factor are ordered in appearance as they are in value (0-5 scores mean "more violet").
+_HUE_SPAN = 0.8
+
+
 def _palette(levels: int, saturation: float, value: float) -> np.ndarray:
-    rgb = [colorsys.hsv_to_rgb(k / levels, saturation, value) for k in range(levels)]
+    rgb = [colorsys.hsv_to_rgb(_HUE_SPAN * k / (levels - 1), saturation, value) for k in range(levels)]
     return np.round(np.array(rgb) * 255).astype(np.uint8)
 
 
