@@ -84,8 +84,7 @@ def evaluate_oracle(recipe: Recipe, registry: Registry, out_dir: Path, n_images:
     from accelerate import Accelerator
 
     from gem.interfaces import BuildContext
-    from gem.pipeline import DataError, score_images
-    from gem.score_cache import ScoreCache
+    from gem.pipeline import DataError, load_dataset, score_with_cache
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -107,13 +106,8 @@ def evaluate_oracle(recipe: Recipe, registry: Registry, out_dir: Path, n_images:
         return registry.get(stage, recipe.plugin_name(stage)).build(recipe.plugin_options[stage], context)
 
     # 1. Data, and the labels to compare with (before the oracle: no request is paid for in vain).
-    with acc.main_process_first():
-        dataset = build("dataset")
-    if len(dataset) == 0:
-        raise DataError(f"data set {dataset_name!r} has no images")
+    dataset = load_dataset(build, recipe, acc)
     attributes = list(dataset.attributes)
-    if not attributes:
-        raise DataError(f"data set {dataset_name!r} names no attributes")
     if dataset.attribute_scores is None:
         raise DataError(
             f"data set {dataset_name!r} has no attribute labels, so there is nothing to compare the oracle "
@@ -133,17 +127,8 @@ def evaluate_oracle(recipe: Recipe, registry: Registry, out_dir: Path, n_images:
 
     # 2. Oracle scores, through the score cache a run uses.
     oracle = build("oracle")
-    cache_path = context.cache_dir / "oracle_scores.sqlite" if recipe.scoring.cache else None
-    cache = ScoreCache(cache_path) if cache_path is not None else None
     cache_key = getattr(oracle, "cache_key", "") or ""
-    try:
-        scores, counts = score_images(oracle, dataset, indices, recipe.scoring.batch_size, cache,
-                                      show_progress=show_progress and main)
-        counters = {**counts, **getattr(oracle, "stats", dict)()}
-    finally:
-        getattr(oracle, "close", lambda: None)()
-        if cache is not None:
-            cache.close()
+    scores, counters = score_with_cache(oracle, dataset, indices, recipe, show_progress=show_progress and main)
     pm.hook.gem_on_stage_end(stage="scores", outputs={"scores": scores, "indices": indices})
 
     # 3. Compare with the labels.
@@ -154,7 +139,7 @@ def evaluate_oracle(recipe: Recipe, registry: Registry, out_dir: Path, n_images:
         "dataset": dataset_name,
         "oracle": oracle_name,
         "cache_key": cache_key,
-        "cache": str(cache_path) if cache_path is not None and cache_key else None,
+        "cache": str(context.cache_dir / "oracle_scores.sqlite") if recipe.scoring.cache and cache_key else None,
         "attributes": attributes,
         **quality,
         "counters": counters,

@@ -95,6 +95,31 @@ def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndar
     return scores, {"cache_hits": cache_hits, "images_asked": asked}
 
 
+def score_with_cache(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndarray, recipe: Recipe,
+                     show_progress: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`score_images` through ``<cache_dir>/oracle_scores.sqlite`` (unless ``scoring.cache``
+    is off); closes the oracle and the cache, and merges the oracle's own counters."""
+    cache = ScoreCache(Path(recipe.cache_dir) / "oracle_scores.sqlite") if recipe.scoring.cache else None
+    try:
+        scores, counts = score_images(oracle, dataset, indices, recipe.scoring.batch_size, cache, show_progress)
+        return scores, {**counts, **getattr(oracle, "stats", dict)()}
+    finally:
+        getattr(oracle, "close", lambda: None)()
+        if cache is not None:
+            cache.close()
+
+
+def load_dataset(build: Any, recipe: Recipe, accelerator: Accelerator) -> ImageDataset:
+    """Build the recipe's data set (main process first, so the cache is made once) and check it."""
+    with accelerator.main_process_first():
+        dataset: ImageDataset = build("dataset")
+    if len(dataset) == 0:
+        raise DataError(f"data set {recipe.plugin_name('dataset')!r} has no images")
+    if not dataset.attributes:
+        raise DataError(f"data set {recipe.plugin_name('dataset')!r} names no attributes")
+    return dataset
+
+
 def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
                accelerator: Optional[Accelerator] = None) -> RunResult:
     """Run every stage of a validated recipe and write the run folder."""
@@ -118,28 +143,14 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
         return registry.get(stage, recipe.plugin_name(stage)).build(recipe.plugin_options[stage], context)
 
     # 1. Data.
-    with acc.main_process_first():
-        dataset: ImageDataset = build("dataset")
-    if len(dataset) == 0:
-        raise DataError(f"data set {recipe.plugin_name('dataset')!r} has no images")
-    if not dataset.attributes:
-        raise DataError(f"data set {recipe.plugin_name('dataset')!r} names no attributes")
+    dataset = load_dataset(build, recipe, acc)
     context.dataset, context.attributes = dataset, list(dataset.attributes)
     n = len(dataset.attributes)
     train_idx, eval_idx, scored_idx = split_indices(recipe, dataset)
     pm.hook.gem_on_stage_end(stage="data", outputs={"dataset": dataset})
 
     # 2. Oracle scores for the first N_rel images.
-    oracle: RelationOracle = build("oracle")
-    cache = ScoreCache(context.cache_dir / "oracle_scores.sqlite") if recipe.scoring.cache else None
-    try:
-        scores, score_counts = score_images(oracle, dataset, scored_idx, recipe.scoring.batch_size, cache,
-                                            show_progress=main)
-        oracle_counters = {**score_counts, **getattr(oracle, "stats", dict)()}
-    finally:
-        getattr(oracle, "close", lambda: None)()
-        if cache is not None:
-            cache.close()
+    scores, oracle_counters = score_with_cache(build("oracle"), dataset, scored_idx, recipe, show_progress=main)
     if main:
         _write_scores(run_dir / "scores.csv", scored_idx, dataset.attributes, scores)
     pm.hook.gem_on_stage_end(stage="scores", outputs={"scores": scores, "indices": scored_idx})
