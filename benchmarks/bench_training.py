@@ -1,0 +1,167 @@
+"""2. Training step: full GEM (adversarial term, gcn graph learner, z_rel) vs a plain β-VAE step.
+
+Everything is built through the plugin registry and :class:`gem.relations.RelationModel`, as
+``gem.pipeline.run_recipe`` does, and one step is the body of ``gem.training.Trainer.fit``:
+the extractor's own ``training_step`` under ``accelerator.autocast()``, plus the graph penalty
+and the graph optimiser step when the graph is trained.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from common import MIB, Figure, PeakRSS, Row, in_child, ratio, rss_bytes
+from gem.interfaces import BuildContext
+from gem.plugins import Registry, make_plugin_manager
+from gem.relations import RelationModel
+from gem.training import to_float
+
+ATTRIBUTES = ["a0", "a1", "a2", "a3", "a4", "a5"]
+BATCH = 32
+SIZE = 64
+
+
+def make_accelerator(device: str) -> Any:
+    """A fresh ``accelerate.Accelerator`` on ``device`` ("cpu" or "cuda")."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # the state is a singleton; the device may differ per call
+    return Accelerator(cpu=device == "cpu")
+
+
+@dataclass
+class Model:
+    """A prepared extractor, relation path and optimisers: what ``Trainer`` holds."""
+
+    extractor: Any
+    relation: RelationModel
+    optimizers: dict[str, Any]
+    graph_optimizer: Optional[Any]
+    accelerator: Any
+    description: str
+
+
+def build_model(full_gem: bool, device: str = "cpu", seed: int = 0) -> Model:
+    """Full GEM (gem_vae, adversarial, gcn, bound relation) or the plain β-VAE reference."""
+    registry = Registry(make_plugin_manager())
+    acc = make_accelerator(device)
+    context = BuildContext(seed=seed, run_dir=Path("."), cache_dir=Path("."), attributes=list(ATTRIBUTES),
+                           accelerator=acc)
+    torch.manual_seed(seed)
+    n = len(ATTRIBUTES)
+
+    def build(stage: str, name: str, **options: Any) -> Any:
+        reg = registry.get(stage, name)
+        return reg.build(reg.options(**options) if reg.options is not None else None, context)
+
+    if full_gem:
+        extractor = build("extractor", "gem_vae", adversarial=True)
+        graph = build("graph", "gcn")
+        description = "gem_vae (adversarial) + gcn graph, z_rel = A^T z"
+    elif "beta_vae" in registry.names("extractor"):
+        extractor = build("extractor", "beta_vae")
+        graph = build("graph", "identity")
+        description = "beta_vae extractor plugin, identity graph"
+    else:
+        extractor = build("extractor", "gem_vae", adversarial=False)
+        graph = build("graph", "identity")
+        description = "gem_vae with adversarial=False, identity graph (no beta_vae plugin registered)"
+    rng = np.random.default_rng(seed)
+    impact = rng.uniform(-0.6, 0.6, size=(n, n))
+    np.fill_diagonal(impact, 1.0)
+    graph.set_anchor(torch.as_tensor(impact, dtype=torch.float32))
+    relation = RelationModel(graph, n)
+    if full_gem:
+        relation.bind(np.arange(n), np.ones(n))  # after the warm-up: z_rel and the adversarial term are on
+    optimizers = extractor.configure_optimizers()
+    graph_optimizer = torch.optim.Adam(relation.parameters(), lr=1e-3) if graph.trainable and full_gem else None
+    extra = [graph_optimizer] if graph_optimizer is not None else []
+    prepared = acc.prepare(extractor, relation, *optimizers.values(), *extra)
+    extractor, relation = prepared[:2]
+    optimizers = dict(zip(optimizers, prepared[2:2 + len(optimizers)]))
+    if extra:
+        graph_optimizer = prepared[-1]
+    extractor.train()
+    relation.train()
+    return Model(acc.unwrap_model(extractor), relation, optimizers, graph_optimizer, acc, description)
+
+
+def train_step(m: Model, x: torch.Tensor, step: int) -> dict[str, float]:
+    """One step, as ``Trainer.fit`` does it."""
+    acc = m.accelerator
+    relate = acc.unwrap_model(m.relation)
+    with acc.autocast():
+        logs = m.extractor.training_step(x, m.relation, acc, m.optimizers)
+        if m.graph_optimizer is not None:
+            penalty = relate.graph.penalty()
+            acc.backward(penalty)
+            logs["graph_penalty"] = penalty.item()
+    if m.graph_optimizer is not None:
+        m.graph_optimizer.step()
+        m.graph_optimizer.zero_grad(set_to_none=True)
+        relate.graph.end_step(step)
+    return logs
+
+
+def random_batch(device: torch.device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return to_float(torch.randint(0, 256, (BATCH, SIZE, SIZE, 3), dtype=torch.uint8, generator=g)).to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_steps(full_gem: bool, warmup: int, steps: int, device: str = "cpu") -> dict[str, Any]:
+    """Steps/s and peak memory of one configuration on a pre-loaded batch."""
+    before = rss_bytes()
+    m = build_model(full_gem, device)
+    dev = m.accelerator.device
+    x = random_batch(dev)
+    for k in range(warmup):
+        train_step(m, x, k)
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        for k in range(steps):
+            logs = train_step(m, x, warmup + k)
+        _sync(dev)
+        seconds = time.perf_counter() - start
+    out = {"steps_per_s": steps / seconds, "peak_rss_delta_mib": (peak.peak - before) / MIB,
+           "description": m.description, "finite": all(math.isfinite(v) for v in logs.values())}
+    if dev.type == "cuda":
+        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(dev) / MIB
+    return out
+
+
+def bench_training(quick: bool, device: str = "cpu") -> Row:
+    warmup, steps = (1, 3) if quick else (5, 40)
+    # Each configuration in its own fresh process, so that peak memory is its own.
+    beta = in_child(measure_steps, False, warmup, steps, device)
+    gem = in_child(measure_steps, True, warmup, steps, device)
+    cost = ratio(beta["steps_per_s"], gem["steps_per_s"])  # GEM step time / β-VAE step time
+    memory = "cuda_max_allocated_mib" if device != "cpu" else "peak_rss_delta_mib"
+    figures = {f"gem_{k}": v for k, v in gem.items() if isinstance(v, float)}
+    figures.update({f"beta_vae_{k}": v for k, v in beta.items() if isinstance(v, float)})
+    return Row(
+        name="training_step" if device == "cpu" else f"training_step_{device}",
+        title=f"training step, batch {BATCH}, {SIZE}x{SIZE}, {len(ATTRIBUTES)} attributes, on {device}",
+        ours=Figure(f"full GEM: {gem['description']}", gem["steps_per_s"], "steps/s"),
+        reference=Figure(f"plain beta-VAE: {beta['description']}", beta["steps_per_s"], "steps/s"),
+        ratio=cost, ratio_meaning="GEM step time / beta-VAE step time (x slower)",
+        target="<= 1.3", met=cost <= 1.3 and gem["finite"] and beta["finite"],
+        figures=figures,
+        notes=[f"{warmup} warm-up steps, {steps} timed steps on one pre-loaded batch",
+               f"peak memory ({memory}): GEM {gem[memory]:.0f} MiB, beta-VAE {beta[memory]:.0f} MiB"
+               + (" (RSS delta from before the model was built, in a fresh process each; sampled every 2 ms)" if device == "cpu" else "")])
