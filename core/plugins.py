@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
 BUILTIN_PLUGINS = (
     "gem_plugins.synthetic",
     "gem_plugins.gem_vae",
+    "gem_plugins.baselines",
     "gem_plugins.labels_oracle",
     "gem_plugins.somersd",
     "gem_plugins.graph_learners",
