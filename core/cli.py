@@ -23,6 +23,8 @@ def _run_parser(prog: str = "gem-run") -> argparse.ArgumentParser:
                         help="override a recipe key, e.g. --set training.steps=500 (repeatable)")
     parser.add_argument("--out", type=Path, help="run folder (default: <recipe out>/<name>-<timestamp>)")
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last checkpoint (RECIPE defaults to its recipe.yaml)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -38,16 +40,22 @@ def _run(args: argparse.Namespace) -> int:
     from gem.pipeline import make_run_dir, run_recipe
     from gem.report import format_summary
 
-    data = load_recipe_file(args.recipe) if args.recipe else DEFAULT_RECIPE
-    data = apply_overrides(data, args.overrides)
     registry = Registry(make_plugin_manager())
-    recipe = validate_recipe(data, registry)
+    if args.resume is not None:
+        from gem.pipeline import resume_recipe
+
+        recipe = resume_recipe(args.resume, load_recipe_file(args.recipe) if args.recipe else None,
+                               args.overrides, registry)
+    else:
+        data = load_recipe_file(args.recipe) if args.recipe else DEFAULT_RECIPE
+        recipe = validate_recipe(apply_overrides(data, args.overrides), registry)
     if args.print_recipe:
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0
-    run_dir = make_run_dir(recipe, args.out)
-    print(f"gem {__version__}: running recipe {recipe.name!r} into {run_dir}", file=sys.stderr)
-    result = run_recipe(recipe, registry, run_dir)
+    run_dir = args.resume if args.resume is not None else make_run_dir(recipe, args.out)
+    verb = "resuming" if args.resume is not None else "running"
+    print(f"gem {__version__}: {verb} recipe {recipe.name!r} into {run_dir}", file=sys.stderr)
+    result = run_recipe(recipe, registry, run_dir, resume=args.resume is not None)
     print(format_summary(result.summary))
     print(f"report: {run_dir / 'report.html'}")
     return 0
@@ -98,8 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _guard(action, debug: bool, prog: str) -> int:
     try:
         return action()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
         if debug:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,15 +22,18 @@ from tqdm.auto import tqdm
 from gem import evaluation, report
 from gem.eval_command import END_OF_RUN, evaluate_run
 from gem.run_report import run_summary, write_run_report
-from gem.runs import split_indices
+from gem.runs import read_scores, split_indices
 from gem.binding import bind_latents
 from gem.interfaces import BuildContext, ImageDataset, Ranking, RelationOracle
-from gem.io import atomic_write_text, write_json
+from gem.io import atomic_write_bytes, atomic_write_text, write_json
 from gem.plugins import Registry
-from gem.recipe import Recipe
+from gem.recipe import Recipe, RecipeError, apply_overrides, load_recipe_file, validate_recipe
 from gem.relations import RelationModel
 from gem.score_cache import ScoreCache, image_hash
-from gem.training import Trainer, encode_images
+from gem.training import CheckpointError, Interrupted, Trainer, encode_images, load_checkpoint
+
+#: Recipe keys a resumed run may change: they do not change what the run computes.
+RESUME_MAY_CHANGE = ("training.steps", "training.checkpoint_every", "training.num_workers", "training.threads")
 
 
 class DataError(ValueError):
@@ -109,6 +113,50 @@ def score_with_cache(oracle: RelationOracle, dataset: ImageDataset, indices: np.
             cache.close()
 
 
+def resume_recipe(run_dir: Path, data: Optional[dict], overrides: Sequence[str], registry: Registry) -> Recipe:
+    """The recipe to resume ``run_dir`` with: ``data`` (a recipe file's content) or the folder's own
+    ``recipe.yaml``, with ``overrides`` applied. It must resolve to the recipe the run started
+    with, except for :data:`RESUME_MAY_CHANGE`; otherwise the error names the keys that differ."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RecipeError(f"--resume {str(run_dir)!r}: no such run folder")
+    stored_path = run_dir / "recipe.yaml"
+    if not stored_path.is_file():
+        raise RecipeError(f"--resume {str(run_dir)!r}: not a gem run folder (recipe.yaml is missing)")
+    stored = validate_recipe(load_recipe_file(stored_path), registry)
+    recipe = validate_recipe(apply_overrides(stored.to_dict() if data is None else data, overrides), registry)
+    old, new = _flatten(stored.to_dict()), _flatten(recipe.to_dict())
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE)
+    if differ:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in differ[:5])
+        raise RecipeError(f"--resume {str(run_dir)!r}: the recipe differs from the run's recipe.yaml in {shown}; "
+                          f"a resumed run may change only {', '.join(RESUME_MAY_CHANGE)}")
+    return recipe
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _saved_scores(state: Optional[dict], run_dir: Path, scored_idx: np.ndarray,
+                  attributes: list[str]) -> Optional[tuple[np.ndarray, dict[str, Any]]]:
+    """Scores a resumed run already has: the checkpoint's, else the run folder's scores.csv."""
+    extra = state.get("extra", {}) if state is not None else {}
+    if "scores" in extra and np.array_equal(extra["scored_idx"].numpy(), scored_idx):
+        return extra["scores"].numpy().astype(float), dict(extra.get("oracle_counters", {}))
+    path = run_dir / "scores.csv"
+    if path.is_file():
+        indices, scores = read_scores(path, attributes)
+        if np.array_equal(indices, scored_idx):
+            return scores, {}
+    return None
+
+
 def load_dataset(build: Any, recipe: Recipe, accelerator: Accelerator) -> ImageDataset:
     """Build the recipe's data set (main process first, so the cache is made once) and check it."""
     with accelerator.main_process_first():
@@ -121,8 +169,14 @@ def load_dataset(build: Any, recipe: Recipe, accelerator: Accelerator) -> ImageD
 
 
 def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
-               accelerator: Optional[Accelerator] = None) -> RunResult:
-    """Run every stage of a validated recipe and write the run folder."""
+               accelerator: Optional[Accelerator] = None, resume: bool = False) -> RunResult:
+    """Run every stage of a validated recipe and write the run folder.
+
+    With ``resume`` the run continues in ``run_dir`` from its last checkpoint (models, optimisers,
+    graph, binding, RNG states, step) and reuses its scores (from the checkpoint, scores.csv or the
+    score cache), so no oracle request is repeated; on one process the result is the same as an
+    uninterrupted run's. Ctrl-C saves a checkpoint and raises :class:`gem.training.Interrupted`.
+    """
     started = time.perf_counter()
     pm = registry.pm
     pm.hook.gem_configure.call_historic(kwargs={"recipe": recipe.to_dict()})
@@ -149,8 +203,31 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     train_idx, eval_idx, scored_idx = split_indices(recipe, dataset)
     pm.hook.gem_on_stage_end(stage="data", outputs={"dataset": dataset})
 
-    # 2. Oracle scores for the first N_rel images.
-    scores, oracle_counters = score_with_cache(build("oracle"), dataset, scored_idx, recipe, show_progress=main)
+    checkpoint_dir = run_dir / "checkpoint"
+    state = load_checkpoint(checkpoint_dir) if resume else None
+    if state is not None and int(state["step"]) > topts.steps:
+        raise CheckpointError(f"the checkpoint in {checkpoint_dir} is at step {state['step']}, past "
+                              f"training.steps={topts.steps}; resume with at least that many steps")
+
+    # 2. Oracle scores for the first N_rel images (a resumed run reuses what it has). Extractor,
+    #    graph and oracle are built first, so an impossible latent size or a missing API key stops
+    #    the run before anything is paid for or trained.
+    saved = _saved_scores(state, run_dir, scored_idx, list(dataset.attributes)) if resume else None
+    set_seed(recipe.seed)
+    extractor = build("extractor")
+    graph = build("graph")
+    oracle = build("oracle") if saved is None else None
+    if saved is None:
+        try:
+            scores, oracle_counters = score_with_cache(oracle, dataset, scored_idx, recipe, show_progress=main)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            kept = (f"every finished batch of scores is kept in {Path(recipe.cache_dir) / 'oracle_scores.sqlite'}"
+                    if recipe.scoring.cache else "scoring.cache is off, so the scores are lost")
+            raise Interrupted(f"stopped while scoring; {kept}; continue with: gem-run --resume {run_dir}") from None
+    else:
+        scores, oracle_counters = saved
     if main:
         _write_scores(run_dir / "scores.csv", scored_idx, dataset.attributes, scores)
     pm.hook.gem_on_stage_end(stage="scores", outputs={"scores": scores, "indices": scored_idx})
@@ -160,27 +237,56 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     pm.hook.gem_on_stage_end(stage="rank", outputs={"ranking": ranking})
 
     # 4. Training: warm up with independent latents, bind latents to attributes, then train
-    #    the extractor and the relation graph together.
-    extractor = build("extractor")
-    graph = build("graph")
+    #    the extractor and the relation graph together. Reseeded here so that training does not
+    #    depend on whether the scores came from the oracle or from a checkpoint.
     graph.set_anchor(torch.as_tensor(ranking.impact, dtype=torch.float32))
     relation = RelationModel(graph, n)
+    set_seed(recipe.seed + 1)
     trainer = Trainer(extractor, relation, dataset.images, train_idx, topts, recipe.seed, acc,
-                      checkpoint_dir=run_dir / "checkpoint", sample_weights=dataset.sample_weights)
+                      checkpoint_dir=checkpoint_dir, sample_weights=dataset.sample_weights)
+    if state is not None:
+        trainer.load(state)
+        if main:
+            print(f"gem: resuming from the checkpoint at step {trainer.step} of {topts.steps}", file=sys.stderr)
+    elif resume and main:
+        print(f"gem: no checkpoint in {checkpoint_dir}; training from step 0 with the saved scores", file=sys.stderr)
+    trainer.extra = {"scores": torch.from_numpy(np.asarray(scores, dtype=np.float64)),
+                     "scored_idx": torch.from_numpy(np.asarray(scored_idx, dtype=np.int64)),
+                     "oracle_counters": {k: v for k, v in oracle_counters.items() if isinstance(v, (int, float))}}
     train_started = time.perf_counter()
-    trainer.fit(min(topts.warmup_steps, topts.steps), desc="warm-up")
-    means = encode_images(trainer.model, dataset.images, scored_idx, acc.device)
-    binding = bind_latents(means, scores)
-    trainer.relate.bind(binding.latent_of, binding.sign)
+    if not trainer.relate.is_bound:
+        trainer.fit(min(topts.warmup_steps, topts.steps), desc="warm-up")
+        means = encode_images(trainer.model, dataset.images, scored_idx, acc.device)
+        binding = bind_latents(means, scores)
+        trainer.relate.bind(binding.latent_of, binding.sign)
+        if topts.checkpoint_every:
+            trainer.save(checkpoint_dir)  # the binding is part of every later checkpoint
+    latent_of = trainer.relate.latent_of.cpu().numpy()
+    sign = trainer.relate.sign.cpu().numpy()
     trainer.fit(topts.steps, desc="train")
     train_seconds = time.perf_counter() - train_started
-    trainer.save(run_dir / "checkpoint")
+    trainer.save(checkpoint_dir)
+    try:
+        return _finish(recipe, registry, run_dir, acc, dataset, scores, scored_idx, eval_idx, ranking,
+                       trainer, latent_of, sign, oracle_counters, train_seconds, started)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(f"stopped after training (the final checkpoint is saved); "
+                          f"continue with: gem-run --resume {run_dir}") from exc
+
+
+def _finish(recipe: Recipe, registry: Registry, run_dir: Path, acc: Accelerator, dataset: ImageDataset,
+            scores: np.ndarray, scored_idx: np.ndarray, eval_idx: np.ndarray, ranking: Ranking,
+            trainer: Trainer, latent_of: np.ndarray, sign: np.ndarray, oracle_counters: dict[str, Any],
+            train_seconds: float, started: float) -> RunResult:
+    """Write model.pt, evaluate and write the report."""
+    pm, topts, main = registry.pm, recipe.training, acc.is_main_process
     model, rel = trainer.model, trainer.relate
     learned = rel.adjacency().detach().float().cpu().numpy()
     if main:
+        buffer = io.BytesIO()
         torch.save({"extractor": model.state_dict(), "relation": rel.state_dict(),
-                    "attributes": list(dataset.attributes)}, run_dir / "model.pt.tmp")
-        (run_dir / "model.pt.tmp").replace(run_dir / "model.pt")
+                    "attributes": list(dataset.attributes)}, buffer)
+        atomic_write_bytes(run_dir / "model.pt", buffer.getvalue())
     pm.hook.gem_on_stage_end(stage="train", outputs={"history": trainer.history, "adjacency": learned})
 
     # 5. Evaluation and report.
@@ -188,8 +294,8 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
         "reconstruction": evaluation.reconstruction_metrics(model, rel, dataset.images, eval_idx, acc.device),
         "relations": evaluation.relation_metrics(learned, ranking, dataset.true_impact),
         "disentanglement": evaluation.disentanglement_metrics(model, rel, dataset, eval_idx, acc.device),
-        "binding": {"latent_of": {a: int(k) for a, k in zip(dataset.attributes, binding.latent_of)},
-                    "sign": {a: int(s) for a, s in zip(dataset.attributes, binding.sign)}},
+        "binding": {"latent_of": {a: int(k) for a, k in zip(dataset.attributes, latent_of)},
+                    "sign": {a: int(s) for a, s in zip(dataset.attributes, sign)}},
         "oracle": {**_oracle_stats(scores), **oracle_counters},
         "training": {"steps": topts.steps, "seconds": train_seconds,
                      "steps_per_second": topts.steps / max(train_seconds, 1e-9),
@@ -221,8 +327,16 @@ def _write_scores(path: Path, indices: np.ndarray, attributes: list[str], scores
     writer = csv.writer(buf)
     writer.writerow(["image", *attributes])
     for index, row in zip(indices, scores):
-        writer.writerow([int(index), *("" if np.isnan(v) else f"{v:g}" for v in row)])
+        writer.writerow([int(index), *(_cell(v) for v in row)])
     atomic_write_text(path, buf.getvalue())
+
+
+def _cell(value: float) -> str:
+    """A score as text that reads back as the same float ("" for missing)."""
+    if np.isnan(value):
+        return ""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def _oracle_stats(scores: np.ndarray) -> dict[str, Any]:

@@ -23,6 +23,18 @@ class RecipeError(ValueError):
     """The recipe is malformed; the message names the key and the allowed values."""
 
 
+def _check_ranges(options: Any, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
+    """Raise ``ValueError`` naming the first option that is not > 0 (``positive``) or >= 0."""
+    for name in positive:
+        value = getattr(options, name)
+        if isinstance(value, (int, float)) and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+    for name in non_negative:
+        value = getattr(options, name)
+        if isinstance(value, (int, float)) and not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
 @dataclass
 class TrainingOptions:
     """How the extractor and graph learner are trained (accelerate runs the loop)."""
@@ -42,6 +54,10 @@ class TrainingOptions:
     threads: int = 0
     """torch intra-op threads on the CPU; 0 leaves torch's default."""
 
+    def __post_init__(self) -> None:
+        _check_ranges(self, positive=("steps", "batch_size", "log_every", "graph_lr"),
+                      non_negative=("warmup_steps", "checkpoint_every", "num_workers", "threads"))
+
 
 @dataclass
 class ScoringOptions:
@@ -51,6 +67,9 @@ class ScoringOptions:
     batch_size: int = 32
     cache: bool = True
     """Reuse scores from ``<cache_dir>/oracle_scores.sqlite``; a re-run makes no new requests."""
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, positive=("n_images", "batch_size"))
 
 
 @dataclass
@@ -64,6 +83,10 @@ class EvaluationOptions:
     traversal_range: float = 2.5
     traversal_steps: int = 9
     traversal_image: int = 0
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, positive=("n_images", "traversal_range", "traversal_steps"),
+                      non_negative=("traversal_image",))
 
 
 @dataclass

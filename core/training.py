@@ -1,23 +1,49 @@
-"""The training loop: plain accelerate, one ``prepare``, the extractor's own step."""
+"""The training loop: plain accelerate, one ``prepare``, the extractor's own step.
+
+A run can stop at any step and continue bit for bit: the batch order is a pure function of the
+seed and the step (:class:`EpochSampler`), and a checkpoint (:meth:`Trainer.save`) holds the
+models, optimisers, graph, binding, RNG states, step and the partial loss log. Checkpoints are
+one file, ``checkpoint/state.pt``, written atomically (temporary file, then rename), so the last
+good one survives a crash mid-write; they are read with ``torch.load(..., weights_only=True)``.
+"""
 
 from __future__ import annotations
 
+import io
 import math
+import random
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from gem.interfaces import Extractor
+from gem.io import atomic_write_bytes
 from gem.recipe import TrainingOptions
 from gem.relations import RelationModel
 
+#: The checkpoint file inside a checkpoint folder.
+CHECKPOINT_FILE = "state.pt"
+#: Bumped when the checkpoint layout changes.
+CHECKPOINT_VERSION = 1
 
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite."""
+
+class NonFiniteLossError(ValueError):
+    """A loss term became NaN or infinite (a ``ValueError``: the CLI shows it as one line)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or from another run."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by Ctrl-C (SIGINT) after saving what it had; the message says how to resume."""
 
 
 class UInt8Images(Dataset):
@@ -34,9 +60,78 @@ class UInt8Images(Dataset):
         return torch.from_numpy(np.array(self.images[self.indices[i]]))
 
 
+class EpochSampler(Sampler[int]):
+    """Training order as a pure function of (seed, epoch), so a resumed run draws the same batches.
+
+    Epoch e is a permutation of the n positions (or, with ``weights``, n draws with replacement in
+    proportion to them) from a generator seeded with ``(seed, e)``. :meth:`seek` positions the
+    sampler at a global step; the next pass starts there.
+    """
+
+    def __init__(self, n: int, seed: int, weights: Optional[torch.Tensor] = None):
+        self.n, self.seed, self.weights = n, seed, weights
+        self.epoch, self.skip = 0, 0
+
+    def order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2 ** 63))
+        if self.weights is None:
+            return torch.randperm(self.n, generator=generator)
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+
+    def seek(self, step: int, batch_size: int, processes: int = 1) -> None:
+        """Start the next pass at global ``step`` (batches of ``batch_size`` per process, last one dropped)."""
+        per_epoch = max((self.n // batch_size) // processes, 1)
+        self.epoch, within = divmod(step, per_epoch)
+        self.skip = within * batch_size * processes
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, skip = self.epoch, self.skip
+        self.epoch, self.skip = epoch + 1, 0
+        yield from self.order(epoch)[skip:].tolist()
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+
 def to_float(batch: torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
     return batch.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG states, as values ``torch.load(weights_only=True)`` reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(directory: Path) -> Optional[dict[str, Any]]:
+    """The checkpoint in ``directory`` (``weights_only=True``), or None when there is none."""
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which, keep the file
+        raise CheckpointError(f"cannot read the checkpoint {path}: {exc}") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} is not a gem checkpoint of version {CHECKPOINT_VERSION}")
+    return state
 
 
 class Trainer:
@@ -54,15 +149,13 @@ class Trainer:
         optimizers = extractor.configure_optimizers()
         self.graph_optimizer = (torch.optim.Adam(relation.parameters(), lr=options.graph_lr)
                                 if relation.graph.trainable else None)
-        generator = torch.Generator().manual_seed(seed)
-        sampler = None
-        if sample_weights is not None:
-            # Correlated sampling: draw with replacement in proportion to the weights.
-            sampler = WeightedRandomSampler(torch.as_tensor(sample_weights[train_indices], dtype=torch.double),
-                                            num_samples=len(train_indices), replacement=True, generator=generator)
+        weights = (torch.as_tensor(np.asarray(sample_weights)[train_indices], dtype=torch.double)
+                   if sample_weights is not None else None)
+        self.sampler = EpochSampler(len(train_indices), seed, weights)
+        # The loader's own generator (worker seeds) keeps it off the global RNG.
         loader = DataLoader(UInt8Images(images, train_indices), batch_size=options.batch_size,
-                            shuffle=sampler is None, sampler=sampler, drop_last=True,
-                            num_workers=options.num_workers, generator=generator)
+                            sampler=self.sampler, drop_last=True, num_workers=options.num_workers,
+                            generator=torch.Generator().manual_seed(seed))
         extra = [self.graph_optimizer] if self.graph_optimizer is not None else []
         prepared = accelerator.prepare(extractor, relation, loader, *optimizers.values(), *extra)
         self.extractor, self.relation, self.loader = prepared[:3]
@@ -71,6 +164,12 @@ class Trainer:
             self.graph_optimizer = prepared[-1]
         self.step = 0
         self.history: list[dict[str, float]] = []
+        #: Saved with every checkpoint (the pipeline puts the scores here).
+        self.extra: dict[str, Any] = {}
+        self.last_checkpoint_step: Optional[int] = None
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._stop = False
         self._batches = self._forever()
 
     def _forever(self) -> Iterator[torch.Tensor]:
@@ -86,48 +185,140 @@ class Trainer:
         return self.accelerator.unwrap_model(self.relation)
 
     def fit(self, until: int, desc: str = "train") -> None:
-        """Train until the global step ``until`` (exclusive)."""
+        """Train until the global step ``until`` (exclusive).
+
+        Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and raises
+        :class:`Interrupted`; a second Ctrl-C stops at once. A NaN or infinite loss term raises
+        :class:`NonFiniteLossError` without saving, so the last good checkpoint stays.
+        """
         acc, opts = self.accelerator, self.options
         train_graph = self.graph_optimizer is not None and self.relate.is_bound
-        sums: dict[str, float] = {}
-        count = 0
         bar = tqdm(total=max(until - self.step, 0), desc=desc, unit="step", dynamic_ncols=True,
                    disable=not acc.is_local_main_process)
         self.extractor.train()
         self.relation.train()
-        while self.step < until:
-            x = to_float(next(self._batches))
-            with acc.autocast():
-                logs = self.model.training_step(x, self.relation, acc, self.optimizers)
+        previous = self._catch_sigint()
+        try:
+            while self.step < until:
+                x = to_float(next(self._batches))
+                with acc.autocast():
+                    logs = self.model.training_step(x, self.relation, acc, self.optimizers)
+                    if train_graph:
+                        penalty = self.relate.graph.penalty()
+                        acc.backward(penalty)
+                        logs["graph_penalty"] = penalty.item()
                 if train_graph:
-                    penalty = self.relate.graph.penalty()
-                    acc.backward(penalty)
-                    logs["graph_penalty"] = penalty.item()
-            if train_graph:
-                self.graph_optimizer.step()
-                self.graph_optimizer.zero_grad(set_to_none=True)
-                self.relate.graph.end_step(self.step)
-            for key, value in logs.items():
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(f"loss term {key!r} became {value} at step {self.step}; "
-                                             "lower the learning rate or check the data")
-                sums[key] = sums.get(key, 0.0) + value
-            count += 1
-            self.step += 1
-            bar.update(1)
-            if count == opts.log_every or self.step == until:
-                record = {"step": self.step, **{k: v / count for k, v in sums.items()}}
-                self.history.append(record)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "recon", "kl")})
-                sums, count = {}, 0
-            if opts.checkpoint_every and self.checkpoint_dir and self.step % opts.checkpoint_every == 0:
-                self.save(self.checkpoint_dir)
-        bar.close()
+                    self.graph_optimizer.step()
+                    self.graph_optimizer.zero_grad(set_to_none=True)
+                    self.relate.graph.end_step(self.step)
+                for key, value in logs.items():
+                    if not math.isfinite(value):
+                        raise NonFiniteLossError(f"loss term {key!r} became {value} at step {self.step}; "
+                                                 f"{self._kept()}; lower the learning rate or check the data")
+                    self._sums[key] = self._sums.get(key, 0.0) + value
+                self._count += 1
+                self.step += 1
+                bar.update(1)
+                if self._count == opts.log_every or self.step == until:
+                    record = {"step": self.step, **{k: v / self._count for k, v in self._sums.items()}}
+                    self.history.append(record)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "recon", "kl")})
+                    self._sums, self._count = {}, 0
+                if opts.checkpoint_every and self.checkpoint_dir and self.step % opts.checkpoint_every == 0:
+                    self.save(self.checkpoint_dir)
+                if self.stop_requested():
+                    self.interrupt()
+        finally:
+            bar.close()
+            self._restore_sigint(previous)
+
+    # -- interruption ---------------------------------------------------------------------------
+    def stop_requested(self) -> bool:
+        """Whether Ctrl-C asked the loop to stop after the current step."""
+        return self._stop
+
+    def interrupt(self) -> None:
+        """Save a checkpoint (when there is a folder for it) and raise :class:`Interrupted`."""
+        if self.checkpoint_dir is None:
+            raise Interrupted(f"stopped at step {self.step}; no checkpoint folder, nothing was saved")
+        self.save(self.checkpoint_dir)
+        raise Interrupted(f"stopped at step {self.step}; checkpoint saved in {self.checkpoint_dir}; "
+                          f"continue with: gem-run --resume {self.checkpoint_dir.parent}")
+
+    def _catch_sigint(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop:  # a second Ctrl-C: stop at once
+                raise KeyboardInterrupt
+            self._stop = True
+            print("\ngem: Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+        return signal.signal(signal.SIGINT, handler)
+
+    @staticmethod
+    def _restore_sigint(previous: Any) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+    def _kept(self) -> str:
+        if self.last_checkpoint_step is None or self.checkpoint_dir is None:
+            return "no checkpoint was written before it (training.checkpoint_every sets how often)"
+        return f"the last good checkpoint (step {self.last_checkpoint_step}) is kept in {self.checkpoint_dir}"
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs, as values ``torch.load(weights_only=True)`` reads."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        return {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "extractor": self.model.state_dict(),
+            "relation": self.relate.state_dict(),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "graph_optimizer": self.graph_optimizer.state_dict() if self.graph_optimizer is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+            "history": self.history,
+            "log_sums": dict(self._sums),
+            "log_count": self._count,
+            "extra": self.extra,
+        }
 
     def save(self, directory: Path) -> None:
-        """Save models, optimisers and RNG states through accelerate."""
+        """Write ``directory/state.pt`` atomically (temporary file, then rename); the previous
+        checkpoint stays in place until the new one is complete. Only the main process writes."""
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(directory))
+        if self.accelerator.is_main_process:
+            buffer = io.BytesIO()
+            torch.save(self.state_dict(), buffer)
+            atomic_write_bytes(Path(directory) / CHECKPOINT_FILE, buffer.getvalue())
+        self.last_checkpoint_step = self.step
+        self.accelerator.wait_for_everyone()
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint made by :meth:`save` (see :func:`load_checkpoint`)."""
+        self.model.load_state_dict(state["extractor"])
+        self.relate.load_state_dict(state["relation"])
+        for name, opt in self.optimizers.items():
+            if name not in state["optimizers"]:
+                raise CheckpointError(f"the checkpoint has no state for the optimiser {name!r}")
+            opt.load_state_dict(state["optimizers"][name])
+        if self.graph_optimizer is not None and state["graph_optimizer"] is not None:
+            self.graph_optimizer.load_state_dict(state["graph_optimizer"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self._sums, self._count = dict(state["log_sums"]), int(state["log_count"])
+        self.extra = dict(state["extra"])
+        self.last_checkpoint_step = self.step
+        self.sampler.seek(self.step, self.options.batch_size, self.accelerator.num_processes)
+        self._batches = self._forever()
+        set_rng_state(state["rng"])
 
 
 @torch.no_grad()
