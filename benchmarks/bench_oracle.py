@@ -1,0 +1,80 @@
+"""4. Oracle: requests per scored image in each prompt mode, and the wall time to score 1,500
+images against the local fake server answering after 200 ms, at the default concurrency."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import Figure, Row
+from gem.interfaces import BuildContext, ImageDataset
+from gem.pipeline import score_images
+from gem.plugins import Registry, make_plugin_manager
+from gem.recipe import ScoringOptions
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fake_openai import FakeOpenAI  # noqa: E402  (shared test infrastructure)
+
+ATTRIBUTES = ["Bangs", "Bald", "Gender", "Beard", "Blond", "Makeup"]
+DELAY_S = 0.2
+TARGET_S = 60.0
+
+
+def score_against_fake(n_images: int, prompt_mode: str) -> dict[str, Any]:
+    """Score n random 64x64 images through ``gem.pipeline.score_images`` (no score cache)."""
+    images = np.random.default_rng(0).integers(0, 256, size=(n_images, 64, 64, 3), dtype=np.uint8)
+    dataset = ImageDataset(images=images, attributes=list(ATTRIBUTES))
+    registry = Registry(make_plugin_manager())
+    reg = registry.get("oracle", "openai")
+    with FakeOpenAI(ATTRIBUTES) as server:
+        server.default, server.slow_seconds = "slow", DELAY_S  # every answer after 200 ms
+        options = reg.options(model="fake-vision", base_url=server.base_url, api_key_env=None,
+                              prompt_mode=prompt_mode)
+        oracle = reg.build(options, BuildContext(seed=0, run_dir=Path("."), cache_dir=Path(".")))
+        start = time.perf_counter()
+        try:
+            scores, _ = score_images(oracle, dataset, np.arange(n_images), ScoringOptions().batch_size,
+                                     cache=None, show_progress=False)
+        finally:
+            oracle.close()
+        seconds = time.perf_counter() - start
+        requests, in_flight = len(server.requests), server.max_in_flight
+    return {"seconds": seconds, "requests": requests, "requests_per_image": requests / n_images,
+            "missing": int(np.isnan(scores).sum()), "max_in_flight": in_flight,
+            "concurrency": options.max_concurrency}
+
+
+def bench_oracle(quick: bool) -> Row:
+    n_full = 96 if quick else 1500
+    n_attr = 32 if quick else 160
+    per_image = score_against_fake(n_full, "per_image")
+    per_attribute = score_against_fake(n_attr, "per_attribute")
+    scale = 1500 / n_full
+    projected = per_image["seconds"] * scale
+    met = per_image["seconds"] < TARGET_S and per_image["missing"] == 0 if n_full == 1500 else projected < TARGET_S
+    per_attr_1500 = per_attribute["seconds"] * 1500 / n_attr
+    return Row(
+        name="oracle", title=f"openai oracle vs a fake server answering after {DELAY_S * 1000:.0f} ms, "
+                             f"{len(ATTRIBUTES)} attributes, default concurrency {per_image['concurrency']}",
+        ours=Figure(f"per_image mode (default), {n_full} images", per_image["seconds"], "s"),
+        reference=None, ratio=per_attribute["requests_per_image"] / per_image["requests_per_image"],
+        ratio_meaning="requests per image, per_attribute / per_image mode (x fewer in the default mode)",
+        target=f"1,500 images in < {TARGET_S:.0f} s (per_image mode)", met=met,
+        figures={"per_image_requests_per_image": per_image["requests_per_image"],
+                 "per_attribute_requests_per_image": per_attribute["requests_per_image"],
+                 "per_image_seconds": per_image["seconds"], "per_image_seconds_for_1500": projected,
+                 "per_attribute_seconds": per_attribute["seconds"],
+                 "per_attribute_seconds_for_1500": per_attr_1500,
+                 "per_image_missing": per_image["missing"], "per_attribute_missing": per_attribute["missing"],
+                 "max_in_flight": per_image["max_in_flight"]},
+        notes=[f"per_image: {per_image['requests_per_image']:.2f} requests/image, {per_image['seconds']:.1f} s for "
+               f"{n_full} images ({projected:.1f} s for 1,500"
+               + (", extrapolated)" if n_full != 1500 else ")") + f", at most {per_image['max_in_flight']} in flight",
+               f"per_attribute: {per_attribute['requests_per_image']:.2f} requests/image; {n_attr} images took "
+               f"{per_attribute['seconds']:.1f} s, {per_attr_1500:.0f} s for 1,500 extrapolated (no target)",
+               f"lower bound at this concurrency: 1,500 x {DELAY_S} s / {per_image['concurrency']} = "
+               f"{1500 * DELAY_S / per_image['concurrency']:.1f} s (per_image)"])
