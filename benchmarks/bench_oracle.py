@@ -49,8 +49,8 @@ def score_against_fake(n_images: int, prompt_mode: str) -> dict[str, Any]:
 
 
 def bench_oracle(quick: bool) -> Row:
-    n_full = 96 if quick else 1500
-    n_attr = 32 if quick else 160
+    n_full = 64 if quick else 1500
+    n_attr = 16 if quick else 160
     per_image = score_against_fake(n_full, "per_image")
     per_attribute = score_against_fake(n_attr, "per_attribute")
     scale = 1500 / n_full
