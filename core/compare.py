@@ -1,0 +1,438 @@
+"""``gem compare``: train several methods on the same data and seeds, evaluate them alike, and
+write one table (mean ± std over seeds) with plots.
+
+A *variant* is a named set of recipe sections applied on top of a base recipe: the baselines
+swap the extractor (and use the ``identity`` graph, as published), the GEM ablations of the
+paper's Section 4.5 change GEM's own settings. Every run is an ordinary ``gem-run`` in its own
+process, so a crash in one method is recorded and the others go on; finished runs are reused
+when the command is repeated with the same output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import yaml
+
+from gem.io import atomic_save_figure, atomic_write_text, write_json
+from gem.plugins import Registry, make_plugin_manager
+from gem.recipe import DEFAULT_RECIPE, RecipeError, apply_overrides, load_recipe_file, validate_recipe
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Recipe sections that turn the base recipe into one method.
+
+    ``sections`` maps a stage to its keys. When the stage's plugin changes, the new section keeps
+    only the base's architecture and optimiser keys (:data:`SHARED_EXTRACTOR_KEYS`), so every method
+    trains the same networks at the same learning rate but keeps its own paper defaults.
+    ``dynamic`` computes further ``key.path`` overrides from the base recipe (e.g. a schedule
+    length tied to the number of training steps).
+    """
+
+    description: str
+    sections: dict[str, dict[str, Any]]
+    dynamic: Optional[Callable[[dict], dict[str, Any]]] = None
+
+    def recipe(self, base: dict) -> dict:
+        data = copy.deepcopy(base)
+        for stage, keys in self.sections.items():
+            current = dict(data.get(stage) or {})
+            plugin = keys.get("plugin", current.get("plugin"))
+            if plugin != current.get("plugin"):
+                shared = SHARED_EXTRACTOR_KEYS if stage == "extractor" else ()
+                current = {k: v for k, v in current.items() if k in shared}
+            data[stage] = {**current, **keys, "plugin": plugin}
+        if self.dynamic is not None:
+            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in self.dynamic(data).items()])
+        return data
+
+
+#: Extractor keys every method inherits from the base recipe when the plugin changes.
+SHARED_EXTRACTOR_KEYS = ("lr", "image_size", "channels", "hidden", "distribution")
+
+_FLAT = {"graph": {"plugin": "identity"}}
+
+
+def _flat(plugin: str, description: str, **keys: Any) -> Variant:
+    return Variant(description, {"extractor": {"plugin": plugin, **keys}, **_FLAT})
+
+
+def _capacity_over_run(recipe: dict) -> dict[str, Any]:
+    return {"extractor.capacity_steps": int((recipe.get("training") or {}).get("steps", 4000))}
+
+
+#: Built-in variants, in table order.
+VARIANTS: dict[str, Variant] = {
+    "vae": _flat("vae", "VAE (Kingma & Welling 2014)"),
+    "beta_vae": _flat("beta_vae", "β-VAE, β = 4 (Higgins et al. 2017)"),
+    "annealed_vae": Variant("annealed-capacity β-VAE, γ = 1000, C: 0 → 25 nats over the run (Burgess et al. 2018)",
+                            {"extractor": {"plugin": "annealed_vae"}, **_FLAT}, _capacity_over_run),
+    "beta_tcvae": _flat("beta_tcvae", "β-TCVAE, β = 6, stratified sampling (Chen et al. 2018)"),
+    "factor_vae": _flat("factor_vae", "FactorVAE, γ = 10 (Kim & Mnih 2018)"),
+    "dip_vae_i": _flat("dip_vae_i", "DIP-VAE-I, λ_od = 10, λ_d = 100 (Kumar et al. 2018)"),
+    "dip_vae_ii": _flat("dip_vae_ii", "DIP-VAE-II, λ_od = λ_d = 10 (Kumar et al. 2018)"),
+    "gem": Variant("GEM: β-VAE + GCN graph learner + adversarial term", {"extractor": {"plugin": "gem_vae"}}),
+    "gem_single": Variant("GEM (Single): initial relations A = S only, no graph learner, no adversarial term",
+                          {"extractor": {"plugin": "gem_vae", "adversarial": False}, "graph": {"plugin": "fixed"}}),
+    "gem_no_graph_learner": Variant("GEM without the graph learner: A = S fixed, adversarial term kept",
+                                    {"extractor": {"plugin": "gem_vae"}, "graph": {"plugin": "fixed"}}),
+    "gem_no_adversarial": Variant("GEM without the adversarial term",
+                                  {"extractor": {"plugin": "gem_vae", "adversarial": False}}),
+    "gem_plain_vae": Variant("GEM with a plain VAE (β = 1) in place of the β-VAE",
+                             {"extractor": {"plugin": "gem_vae", "beta": 1.0}}),
+}
+
+#: What ``gem compare`` changes in the base recipe unless told otherwise: a run length that fits
+#: 12 methods x 3 seeds of the default synthetic data into an hour on 2 CPU cores.
+COMPARE_DEFAULTS = {"training": {"steps": 2000, "warmup_steps": 600}}
+
+#: Evaluation settings of each run (cheaper than ``gem eval``'s reference ones; see the README).
+COMPARE_EVAL: dict[str, Any] = {"metrics": ["disentanglement", "reconstruction", "relations", "efficiency"],
+                                "n_train": 5000, "n_test": 2500, "dci_n_train": 2000, "dci_n_test": 1000,
+                                "dci_trees": 50, "n_boot": 50, "efficiency_steps": 10}
+
+#: Table columns: (label, path in metrics.json, better: +1 higher / -1 lower, format).
+COLUMNS: list[tuple[str, str, int, str]] = [
+    ("MCC", "disentanglement.spearman_mcc", 1, "{:.3f}"),
+    ("MIG", "disentanglement.mig", 1, "{:.3f}"),
+    ("DCI-D", "disentanglement.dci_disentanglement", 1, "{:.3f}"),
+    ("FactorVAE", "disentanglement.factorvae_score", 1, "{:.3f}"),
+    ("BetaVAE", "disentanglement.betavae_score", 1, "{:.3f}"),
+    ("SAP", "disentanglement.sap", 1, "{:.3f}"),
+    ("PSNR dB", "reconstruction.psnr", 1, "{:.2f}"),
+    ("|A−true| MAE", "relations.learned_vs_true.mae", -1, "{:.4f}"),
+    ("sign agr.", "relations.learned_vs_true.sign_agreement", 1, "{:.2f}"),
+    ("ms/step", "efficiency.seconds_per_step_median", -1, "{:.1f}"),
+    ("train s", "training.seconds", -1, "{:.0f}"),
+]
+
+
+def _get(metrics: dict, path: str) -> Optional[float]:
+    node: Any = metrics
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if not isinstance(node, (int, float)) or isinstance(node, bool) or not math.isfinite(node):
+        return None
+    return float(node) * (1000.0 if path.startswith("efficiency.seconds") else 1.0)
+
+
+@dataclass
+class RunRecord:
+    variant: str
+    seed: int
+    run_dir: Path
+    status: str = "pending"
+    seconds: float = 0.0
+    error: str = ""
+    metrics: dict = field(default_factory=dict)
+
+
+def plan_runs(base: dict, methods: Sequence[str], seeds: Sequence[int], out: Path,
+              variants: dict[str, Variant], registry: Registry) -> list[tuple[RunRecord, dict]]:
+    """Resolve and validate every run's recipe before anything trains."""
+    unknown = [m for m in methods if m not in variants]
+    if unknown:
+        raise RecipeError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(variants)}")
+    plan = []
+    for method in methods:
+        for seed in seeds:
+            data = variants[method].recipe(base)
+            data.update(seed=int(seed), name=f"{method}-s{seed}", out=str(out / "runs"))
+            data.setdefault("evaluation", {})["full_metrics"] = False
+            try:
+                validate_recipe(data, registry)
+            except RecipeError as exc:
+                raise RecipeError(f"method {method!r}: {exc}") from None
+            plan.append((RunRecord(method, int(seed), out / "runs" / f"{method}-s{seed}"), data))
+    return plan
+
+
+def prepare_shared(base: dict, registry: Registry) -> None:
+    """Make the data set cache and the oracle scores once, before runs start in parallel."""
+    from accelerate import Accelerator
+
+    from gem.interfaces import BuildContext
+    from gem.pipeline import load_dataset, score_with_cache
+    from gem.runs import split_indices
+
+    recipe = validate_recipe(base, registry)
+    acc = Accelerator(cpu=True)
+    context = BuildContext(seed=recipe.seed, run_dir=Path(recipe.out), cache_dir=Path(recipe.cache_dir), accelerator=acc)
+    context.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def build(stage: str) -> Any:
+        return registry.get(stage, recipe.plugin_name(stage)).build(recipe.plugin_options[stage], context)
+
+    dataset = load_dataset(build, recipe, acc)
+    context.dataset, context.attributes = dataset, list(dataset.attributes)
+    if recipe.scoring.cache:
+        _, _, scored = split_indices(recipe, dataset)
+        score_with_cache(build("oracle"), dataset, scored, recipe, show_progress=True)
+
+
+def _run_one(record: RunRecord, recipe_path: Path, threads: int, eval_settings: dict) -> RunRecord:
+    metrics_file = record.run_dir / "metrics.json"
+    done_marker = record.run_dir / "compare_done.json"
+    if done_marker.exists() and metrics_file.exists():
+        record.status, record.metrics = "reused", json.loads(metrics_file.read_text())
+        record.seconds = float(json.loads(done_marker.read_text()).get("seconds", 0.0))
+        return record
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    log_path = record.run_dir.parent.parent / "logs" / f"{record.run_dir.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "gem.compare", "--worker", str(recipe_path), str(record.run_dir),
+                               json.dumps(eval_settings)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    record.seconds = time.perf_counter() - started
+    if proc.returncode != 0 or not metrics_file.exists():
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+        record.status = "failed"
+        record.error = f"exit {proc.returncode}: {lines[-1] if lines else 'no output'} (log: {log_path})"
+        return record
+    record.status, record.metrics = "done", json.loads(metrics_file.read_text())
+    write_json(done_marker, {"seconds": record.seconds})
+    return record
+
+
+def _worker(recipe_path: str, run_dir: str, settings_json: str) -> int:
+    """One run in its own process: ``gem-run`` then the compare evaluation."""
+    import torch
+
+    from gem.eval_command import evaluate_run
+    from gem.pipeline import run_recipe
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads:
+        torch.set_num_threads(threads)
+    registry = Registry(make_plugin_manager())
+    recipe = validate_recipe(load_recipe_file(recipe_path), registry)
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run_recipe(recipe, registry, out)
+    evaluate_run(out, registry=registry, log=print, **json.loads(settings_json))
+    return 0
+
+
+def summarise(records: Sequence[RunRecord], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per method: mean and sample std over its finished seeds for every column."""
+    rows = []
+    for method in methods:
+        runs = [r for r in records if r.variant == method and r.status in ("done", "reused")]
+        row: dict[str, Any] = {"method": method, "seeds": len(runs),
+                               "failed": sum(r.variant == method and r.status == "failed" for r in records)}
+        for label, path, _, _ in COLUMNS:
+            values = [v for v in (_get(r.metrics, path) for r in runs) if v is not None]
+            row[label] = {"mean": float(np.mean(values)) if values else None,
+                          "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0 if values else None,
+                          "values": values}
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table, mean ± std; the best mean of each column in bold."""
+    best = {}
+    for label, _, better, _ in COLUMNS:
+        means = [r[label]["mean"] for r in rows if r[label]["mean"] is not None]
+        if means and label not in ("train s",):
+            best[label] = max(means) if better > 0 else min(means)
+    header = ["method", "seeds", *[f"{label} {'↑' if better > 0 else '↓'}" for label, _, better, _ in COLUMNS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["method"], str(r["seeds"]) + (f" ({r['failed']} failed)" if r["failed"] else "")]
+        for label, _, _, fmt in COLUMNS:
+            m, s = r[label]["mean"], r[label]["std"]
+            if m is None:
+                cells.append("—")
+                continue
+            text = fmt.format(m) + (" ± " + fmt.format(s) if r["seeds"] > 1 else "")
+            cells.append(f"**{text}**" if best.get(label) == m else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Bar charts with ±std error bars, one panel per column, one bar per method."""
+    from gem.report import _grid_figure
+
+    labels = [label for label, *_ in COLUMNS]
+    ncols = 4
+    nrows = math.ceil(len(labels) / ncols)
+    fig, axes = _grid_figure(nrows, ncols, panel_w=3.2, panel_h=2.6)
+    methods = [r["method"] for r in rows]
+    y = np.arange(len(methods))
+    for ax, (label, _, better, _) in zip(axes, COLUMNS):
+        means = [r[label]["mean"] if r[label]["mean"] is not None else np.nan for r in rows]
+        stds = [r[label]["std"] or 0.0 for r in rows]
+        colours = ["tab:orange" if m.startswith("gem") else "tab:blue" for m in methods]
+        ax.barh(y, np.nan_to_num(means), xerr=stds, color=colours, alpha=0.85)
+        ax.set_yticks(y, methods if ax in axes[::ncols] else [""] * len(methods), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{label} ({'higher' if better > 0 else 'lower'} is better)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    for ax in axes[len(labels):]:
+        ax.set_visible(False)
+    fig.suptitle("gem compare: mean ± std over seeds (orange: GEM and its ablations)", fontsize=9)
+    return atomic_save_figure(fig, path)
+
+
+def write_outputs(out: Path, records: Sequence[RunRecord], methods: Sequence[str], variants: dict[str, Variant],
+                  settings: dict[str, Any]) -> tuple[Path, str]:
+    """table.md, table.csv, results.json, figures/comparison.png and report.md in ``out``."""
+    rows = summarise(records, methods)
+    table = format_table(rows)
+    atomic_write_text(out / "table.md", table)
+    csv_lines = ["method,seeds," + ",".join(f"{label} mean,{label} std" for label, *_ in COLUMNS)]
+    for r in rows:
+        cells = [r["method"], str(r["seeds"])]
+        for label, *_ in COLUMNS:
+            m, s = r[label]["mean"], r[label]["std"]
+            cells += ["" if m is None else f"{m:.6g}", "" if s is None else f"{s:.6g}"]
+        csv_lines.append(",".join(cells))
+    atomic_write_text(out / "table.csv", "\n".join(csv_lines) + "\n")
+    write_json(out / "results.json", {
+        "settings": settings, "rows": rows,
+        "runs": [{"method": r.variant, "seed": r.seed, "run_dir": str(r.run_dir), "status": r.status,
+                  "seconds": r.seconds, "error": r.error} for r in records]})
+    figure = plot_comparison(rows, out / "figures" / "comparison.png")
+    described = "\n".join(f"- **{m}**: {variants[m].description}" for m in methods)
+    failures = "\n".join(f"- {r.variant} seed {r.seed}: {r.error}" for r in records if r.status == "failed")
+    report = (f"# gem compare\n\nBase recipe: `{settings.get('recipe') or 'built-in synthetic default'}`; "
+              f"seeds {settings['seeds']}; training steps {settings['steps']}.\n\n## Methods\n\n{described}\n\n"
+              f"## Results (mean ± std over seeds; best in bold)\n\n{table}\n![comparison]({figure.relative_to(out)})\n")
+    if failures:
+        report += f"\n## Failed runs\n\n{failures}\n"
+    atomic_write_text(out / "report.md", report)
+    return out / "table.md", table
+
+
+def compare(base: dict, methods: Sequence[str], seeds: Sequence[int], out: Path, *, jobs: int = 1,
+            threads: Optional[int] = None, variants: Optional[dict[str, Variant]] = None,
+            eval_settings: Optional[dict] = None, recipe_name: str = "",
+            log: Callable[[str], None] = print) -> list[RunRecord]:
+    """Run every method with every seed and write the table; returns one record per run."""
+    variants = variants or VARIANTS
+    eval_settings = {**COMPARE_EVAL, **(eval_settings or {})}
+    registry = Registry(make_plugin_manager())
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_runs(base, methods, seeds, out, variants, registry)
+    threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    log(f"gem compare: {len(methods)} methods x {len(seeds)} seeds = {len(plan)} runs, "
+        f"{jobs} at a time with {threads} thread(s) each, into {out}")
+    prepare_shared(base, registry)
+    recipes_dir = out / "recipes"
+    recipes_dir.mkdir(exist_ok=True)
+    jobs_args = []
+    for record, data in plan:
+        data.setdefault("training", {})["threads"] = threads
+        path = recipes_dir / f"{record.run_dir.name}.yaml"
+        atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+        jobs_args.append((record, path))
+    from tqdm.auto import tqdm
+
+    records = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool, \
+            tqdm(total=len(plan), desc="compare", unit="run") as bar:
+        futures = [pool.submit(_run_one, record, path, threads, eval_settings) for record, path in jobs_args]
+        for future in concurrent.futures.as_completed(futures):
+            record = future.result()
+            records.append(record)
+            bar.update(1)
+            bar.write(f"{record.variant} seed {record.seed}: {record.status} in {record.seconds:.0f} s"
+                      + (f" — {record.error}" if record.error else ""))
+    order = {(r.variant, r.seed): i for i, (r, _) in enumerate(plan)}
+    records.sort(key=lambda r: order[(r.variant, r.seed)])
+    steps = (base.get("training") or {}).get("steps")
+    settings = {"recipe": recipe_name, "methods": list(methods), "seeds": list(seeds), "steps": steps,
+                "jobs": jobs, "threads": threads, "evaluation": eval_settings}
+    table_path, table = write_outputs(out, records, methods, variants, settings)
+    log(table)
+    log(f"table: {table_path}\nreport: {out / 'report.md'}")
+    return records
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gem compare", description=(
+        "Train several methods on the same data and seeds, evaluate them alike and write one table "
+        "(mean ± std over seeds) with plots. Built-in methods: " + ", ".join(VARIANTS) + "."))
+    p.add_argument("recipe", nargs="?", help="base recipe (default: the built-in synthetic recipe with "
+                   f"{COMPARE_DEFAULTS['training']['steps']} training steps)")
+    p.add_argument("--methods", nargs="+", default=list(VARIANTS), metavar="NAME", help="methods to run (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N", help="seeds (default: 0 1 2)")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a key of the base recipe (repeatable)")
+    p.add_argument("--variant", action="append", nargs="+", default=[], metavar="NAME KEY.PATH=VALUE",
+                   help="define a method: a name then overrides, e.g. --variant beta8 extractor.plugin=beta_vae "
+                        "extractor.beta=8 graph.plugin=identity (repeatable; added to --methods)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2; each gets cores/jobs threads)")
+    p.add_argument("--threads", type=int, help="threads per run (default: cores / jobs)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def parse_variant(spec: Sequence[str]) -> tuple[str, Variant]:
+    """``[name, "stage.key=value", ...]`` -> a :class:`Variant` (values parsed as YAML)."""
+    name, *items = spec
+    parsed = apply_overrides({}, items)
+    bad = [k for k, v in parsed.items() if not isinstance(v, dict)]
+    if bad:
+        raise RecipeError(f"--variant {name}: {', '.join(bad)} must be written as stage.key=value")
+    return name, Variant(f"custom: {' '.join(items)}", parsed)
+
+
+def compare_main(argv: Optional[Sequence[str]] = None) -> int:
+    from gem.cli import _guard
+
+    args = _parser().parse_args(argv)
+
+    def action() -> int:
+        if args.recipe:
+            base = load_recipe_file(args.recipe)
+        else:
+            base = copy.deepcopy(DEFAULT_RECIPE)
+            for section, keys in COMPARE_DEFAULTS.items():
+                base.setdefault(section, {}).update(keys)
+        # Resolve defaults so each variant sees the base's plugin names and every option.
+        base = validate_recipe(apply_overrides(base, args.overrides), Registry(make_plugin_manager())).to_dict()
+        variants = dict(VARIANTS)
+        methods = list(args.methods)
+        for spec in args.variant:
+            name, variant = parse_variant(spec)
+            variants[name] = variant
+            if name not in methods:
+                methods.append(name)
+        if args.jobs < 1:
+            raise RecipeError(f"--jobs must be >= 1, got {args.jobs}")
+        records = compare(base, methods, args.seeds, args.out, jobs=args.jobs, threads=args.threads,
+                          variants=variants, recipe_name=args.recipe or "")
+        failed = [r for r in records if r.status == "failed"]
+        if failed:
+            print(f"gem compare: {len(failed)} of {len(records)} runs failed; see {args.out / 'report.md'}",
+                  file=sys.stderr)
+            return 1
+        return 0
+
+    return _guard(action, args.debug, "gem compare")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        sys.exit(_worker(*sys.argv[2:5]))
+    sys.exit(compare_main())

@@ -1,0 +1,104 @@
+"""gem compare: variants resolve to valid recipes, and a tiny comparison writes its table."""
+
+import json
+
+import pytest
+
+from gem.compare import COLUMNS, VARIANTS, Variant, compare, format_table, parse_variant, plan_runs, summarise
+from gem.recipe import DEFAULT_RECIPE, RecipeError, validate_recipe
+
+
+@pytest.fixture
+def base(registry):
+    return validate_recipe(DEFAULT_RECIPE, registry).to_dict()
+
+
+def test_every_builtin_variant_is_a_valid_recipe(base, registry, tmp_path):
+    plan = plan_runs(base, list(VARIANTS), [0, 1], tmp_path, VARIANTS, registry)
+    assert len(plan) == 2 * len(VARIANTS)
+    recipes = {(r.variant, r.seed): validate_recipe(d, registry) for r, d in plan}
+    assert recipes[("gem", 1)].seed == 1
+    # Baselines keep the base's networks and learning rate but their own paper defaults.
+    tc = recipes[("beta_tcvae", 0)]
+    assert tc.plugin_name("extractor") == "beta_tcvae" and tc.plugin_name("graph") == "identity"
+    assert tc.plugin_options["extractor"].beta == 6.0
+    assert tc.plugin_options["extractor"].lr == base["extractor"]["lr"]
+    # The annealed capacity grows over the run's own length.
+    assert recipes[("annealed_vae", 0)].plugin_options["extractor"].capacity_steps == base["training"]["steps"]
+
+
+def test_ablations_change_only_what_they_name(base, registry, tmp_path):
+    plan = {r.variant: validate_recipe(d, registry) for r, d in plan_runs(
+        base, ["gem", "gem_single", "gem_no_graph_learner", "gem_no_adversarial", "gem_plain_vae"], [0],
+        tmp_path, VARIANTS, registry)}
+    gem = plan["gem"]
+    assert (gem.plugin_name("graph"), gem.plugin_options["extractor"].adversarial) == ("gcn", True)
+    single = plan["gem_single"]
+    assert (single.plugin_name("graph"), single.plugin_options["extractor"].adversarial) == ("fixed", False)
+    no_graph = plan["gem_no_graph_learner"]
+    assert (no_graph.plugin_name("graph"), no_graph.plugin_options["extractor"].adversarial) == ("fixed", True)
+    no_adv = plan["gem_no_adversarial"]
+    assert (no_adv.plugin_name("graph"), no_adv.plugin_options["extractor"].adversarial) == ("gcn", False)
+    plain = plan["gem_plain_vae"]
+    assert plain.plugin_options["extractor"].beta == 1.0
+    assert plain.plugin_options["extractor"].lambda_adv == gem.plugin_options["extractor"].lambda_adv
+    assert plain.plugin_options["graph"] == gem.plugin_options["graph"]
+
+
+def test_unknown_method_and_bad_variant_are_reported(base, registry, tmp_path):
+    with pytest.raises(RecipeError, match="unknown method.*nope.*known: vae"):
+        plan_runs(base, ["nope"], [0], tmp_path, VARIANTS, registry)
+    bad = {"bad": Variant("x", {"extractor": {"plugin": "beta_vae", "beta": -1}})}
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        plan_runs(base, ["bad"], [0], tmp_path, bad, registry)
+    name, variant = parse_variant(["b8", "extractor.plugin=beta_vae", "extractor.beta=8", "graph.plugin=identity"])
+    data = variant.recipe(base)
+    assert name == "b8" and data["extractor"]["beta"] == 8 and "lambda_adv" not in data["extractor"]
+    with pytest.raises(RecipeError, match="stage.key=value"):
+        parse_variant(["x", "seed=3"])
+
+
+def test_table_is_mean_and_sample_std(tmp_path):
+    from gem.compare import RunRecord
+
+    records = [RunRecord("a", s, tmp_path, "done", metrics={"disentanglement": {"mig": v}})
+               for s, v in enumerate([0.1, 0.3])]
+    records.append(RunRecord("b", 0, tmp_path, "failed", error="boom"))
+    rows = summarise(records, ["a", "b"])
+    assert rows[0]["MIG"]["mean"] == pytest.approx(0.2)
+    assert rows[0]["MIG"]["std"] == pytest.approx(0.1414213562)  # ddof = 1
+    assert rows[1]["seeds"] == 0 and rows[1]["failed"] == 1 and rows[1]["MIG"]["mean"] is None
+    table = format_table(rows)
+    assert "**0.200 ± 0.141**" in table and "0 (1 failed)" in table
+
+
+def test_tiny_comparison_writes_table_and_reuses_finished_runs(tiny_recipe, tmp_path):
+    out = tmp_path / "cmp"
+    settings = {"n_train": 100, "n_test": 50, "dci_n_train": 100, "dci_n_test": 50, "dci_trees": 5, "n_boot": 5,
+                "efficiency_steps": 2}
+    records = compare(tiny_recipe, ["beta_vae", "gem"], [0], out, jobs=2, threads=1, eval_settings=settings,
+                      log=lambda line: None)
+    assert [(r.variant, r.status) for r in records] == [("beta_vae", "done"), ("gem", "done")], \
+        [r.error for r in records]
+    table = (out / "table.md").read_text()
+    assert "| beta_vae | 1 |" in table and "| gem | 1 |" in table
+    assert all(label in table for label, *_ in COLUMNS)
+    results = json.loads((out / "results.json").read_text())
+    gem_row = next(r for r in results["rows"] if r["method"] == "gem")
+    flat_row = next(r for r in results["rows"] if r["method"] == "beta_vae")
+    # GEM learns relations from S; the flat baseline's graph is the identity.
+    assert gem_row["|A−true| MAE"]["mean"] < flat_row["|A−true| MAE"]["mean"]
+    assert (out / "figures" / "comparison.png").stat().st_size > 0
+    assert "gem_vae" in (out / "runs" / "gem-s0" / "recipe.yaml").read_text()
+    again = compare(tiny_recipe, ["beta_vae"], [0], out, jobs=1, threads=1, eval_settings=settings,
+                    log=lambda line: None)
+    assert again[0].status == "reused"
+
+
+def test_failed_run_is_recorded_not_fatal(tiny_recipe, tmp_path):
+    out = tmp_path / "cmp"
+    crash = {"crash": Variant("nan learning rate", {"extractor": {"plugin": "beta_vae", "lr": 1e30}})}
+    records = compare(tiny_recipe, ["crash"], [0], out, jobs=1, threads=1, variants=crash,
+                      eval_settings={"n_train": 50, "n_test": 20, "efficiency_steps": 1}, log=lambda line: None)
+    assert records[0].status == "failed" and "log:" in records[0].error
+    assert "Failed runs" in (out / "report.md").read_text()
