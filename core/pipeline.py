@@ -204,6 +204,9 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     pm.hook.gem_on_stage_end(stage="data", outputs={"dataset": dataset})
 
     checkpoint_dir = run_dir / "checkpoint"
+    if resume and main:
+        for stale in checkpoint_dir.glob(".*.tmp"):  # a write cut short by a kill; the last good file stays
+            stale.unlink()
     state = load_checkpoint(checkpoint_dir) if resume else None
     if state is not None and int(state["step"]) > topts.steps:
         raise CheckpointError(f"the checkpoint in {checkpoint_dir} is at step {state['step']}, past "
