@@ -100,12 +100,22 @@ def test_image_cache_copies_when_the_header_shrinks(tmp_path):
     writer = gdata._RowWriter(path, 5, (8, 8, 3))
     writer.offset += 64  # pretend the new header no longer has the old length
     for i in range(3):
-        writer.array[i] = _gradient(i + 1)
+        writer.write([i], _gradient(i + 1)[None])
     writer.finish(3)
     out = np.load(path)
     assert out.shape == (3, 8, 8, 3)
     np.testing.assert_array_equal(out[:, 0, 0, 0], [10, 20, 30])
     assert [p.name for p in tmp_path.iterdir()] == ["c.npy"]
+
+
+def test_row_writer_writes_rows_in_any_order_without_a_memmap(tmp_path):
+    path = tmp_path / "r.npy"
+    writer = gdata._RowWriter(path, 4, (8, 8, 3))
+    assert not hasattr(writer, "array")  # plain file writes: filled pages never count in the RSS
+    writer.write([3, 1], np.stack([_gradient(3), _gradient(1)]))
+    writer.write([0, 2], np.stack([_gradient(0), _gradient(2)]))
+    writer.finish(4)
+    np.testing.assert_array_equal(np.load(path)[:, 0, 0, 0], [0, 10, 20, 30])
 
 
 def test_image_cache_workers_keep_source_order(tmp_path):
