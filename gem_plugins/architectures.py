@@ -7,6 +7,7 @@ The encoder and decoder follow Burgess et al. (2018), "Understanding disentangli
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -79,11 +80,17 @@ class JointDiscriminator(nn.Module):
     """D(x, z): a logit saying whether the pair came from the encoder or the decoder.
 
     A small convolutional trunk reads the image, an MLP reads the code, and a joint MLP
-    reads both (as in ALI/BiGAN and DEAR's joint discriminator).
+    reads both (as in ALI/BiGAN and DEAR's joint discriminator). With ``downsample`` > 1 the
+    image is average-pooled by that factor first.
     """
 
-    def __init__(self, latent_dim: int, image_size: int = 64, channels: int = 32, hidden: int = 256):
+    def __init__(self, latent_dim: int, image_size: int = 64, channels: int = 32, hidden: int = 256,
+                 downsample: int = 1):
         super().__init__()
+        if downsample < 1 or image_size % downsample:
+            raise ValueError(f"disc_downsample must divide image_size {image_size}, got {downsample}")
+        self.downsample = downsample
+        image_size //= downsample
         _check_size(image_size)
         layers, in_ch = [], 3
         for _ in range(4):
@@ -96,4 +103,6 @@ class JointDiscriminator(nn.Module):
         init_weights(self, negative_slope=0.2)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.downsample > 1:
+            x = F.avg_pool2d(x, self.downsample)
         return self.joint(torch.cat([self.x_net(x), self.z_net(z)], dim=1)).squeeze(1)

@@ -29,9 +29,20 @@ class GemVAEOptions(VAEOptions):
     """Train the discriminator only once the relation graph is on. Before latents are bound the
     decoder reads z itself, the N(0, I) assumption of the β-VAE holds and the term is not needed."""
     disc_lr: float = 1e-4
+    disc_channels: int = 16
+    """Channels of the discriminator's convolutions (the encoder's are ``channels``)."""
+    disc_downsample: int = 2
+    """The discriminator reads images average-pooled by this factor (1 = full resolution)."""
+    adversarial_pairs: int = 8
+    """Encoder pairs and decoder pairs per step in the adversarial term (0 = the whole batch).
+    The term is an expectation over pairs; a subsample estimates it at a fraction of the cost
+    (see docs/design.md, "Cost of the adversarial term")."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.disc_channels < 1 or self.disc_downsample < 1 or self.adversarial_pairs < 0:
+            raise ValueError("disc_channels and disc_downsample must be >= 1 and adversarial_pairs >= 0, got "
+                             f"{self.disc_channels}, {self.disc_downsample}, {self.adversarial_pairs}")
         for name in ("beta", "lambda_adv", "lambda_dis"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -42,8 +53,8 @@ class GemVAE(VAEExtractor):
 
     def __init__(self, options: GemVAEOptions, context: BuildContext):
         super().__init__(options, context)
-        kw = dict(image_size=options.image_size, channels=options.channels, hidden=options.hidden)
-        self.discriminator = (JointDiscriminator(self.latent_dim, **kw)
+        self.discriminator = (JointDiscriminator(self.latent_dim, options.image_size, options.disc_channels,
+                                                 options.hidden, options.disc_downsample)
                               if options.adversarial and options.lambda_adv > 0 else None)
         self.vae_loss = BetaVAELoss(options.beta, options.distribution)
         self.adv_loss = JointAdversarialLoss()
@@ -62,11 +73,11 @@ class GemVAE(VAEExtractor):
             not opts.adversarial_from_binding or getattr(relate, "is_bound", True))
         if not use_adversarial:
             return loss, terms
-        batch = len(f.z)
-        z_prior = torch.randn_like(f.z)
+        batch = min(opts.adversarial_pairs or len(f.z), len(f.z))
+        z_prior = torch.randn_like(f.z[:batch])
         x_fake = torch.sigmoid(self.decoder(relate(z_prior)))
         # Encoder pairs (x, z) and decoder pairs (x_fake, z_prior) go through D as one batch.
-        pair_x, pair_z = torch.cat([f.x, x_fake]), torch.cat([f.z, z_prior])
+        pair_x, pair_z = torch.cat([f.x[:batch], x_fake]), torch.cat([f.z[:batch], z_prior])
         # Discriminator step on detached pairs.
         logits = self.discriminator(pair_x.detach(), pair_z.detach())
         loss_d, d_terms = self.adv_loss.discriminator(logits[:batch], logits[batch:])

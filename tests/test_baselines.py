@@ -204,3 +204,26 @@ def test_negative_weights_rejected(registry):
         registry.get("extractor", "beta_vae").options(beta=-1)
     with pytest.raises(ValueError, match="lr must be > 0"):
         registry.get("extractor", "factor_vae").options(disc_lr=0)
+
+
+@pytest.mark.parametrize("pairs, expected", [(4, 8), (0, 32)])
+def test_gem_adversarial_term_uses_the_requested_pairs(registry, tmp_path, pairs, expected):
+    reg = registry.get("extractor", "gem_vae")
+    context = BuildContext(seed=0, run_dir=tmp_path, cache_dir=tmp_path, attributes=["a", "b", "c", "d"])
+    model = reg.build(reg.options(**TINY, adversarial_pairs=pairs, disc_downsample=2), context)
+    seen = []
+    model.discriminator.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    relation = RelationModel(IdentityGraph(None, context), 4)
+    relation.bind(np.arange(4), np.ones(4))
+    logs = model.training_step(_images(), relation, Accelerator(cpu=True), model.configure_optimizers())
+    assert "adv_d" in logs and "adv_g" in logs
+    assert seen == [(expected, 3, 32, 32)] * 2  # D step, then encoder/decoder step; pooled inside D
+
+
+def test_gem_has_no_adversarial_term_before_binding(registry, tmp_path):
+    reg = registry.get("extractor", "gem_vae")
+    context = BuildContext(seed=0, run_dir=tmp_path, cache_dir=tmp_path, attributes=["a", "b"])
+    model = reg.build(reg.options(**TINY), context)
+    relation = RelationModel(IdentityGraph(None, context), 2)
+    logs = model.training_step(_images(), relation, Accelerator(cpu=True), model.configure_optimizers())
+    assert "adv_g" not in logs
