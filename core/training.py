@@ -300,14 +300,19 @@ class Trainer:
 
     def load(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint made by :meth:`save` (see :func:`load_checkpoint`)."""
-        self.model.load_state_dict(state["extractor"])
-        self.relate.load_state_dict(state["relation"])
-        for name, opt in self.optimizers.items():
-            if name not in state["optimizers"]:
-                raise CheckpointError(f"the checkpoint has no state for the optimiser {name!r}")
-            opt.load_state_dict(state["optimizers"][name])
-        if self.graph_optimizer is not None and state["graph_optimizer"] is not None:
-            self.graph_optimizer.load_state_dict(state["graph_optimizer"])
+        try:
+            self.model.load_state_dict(state["extractor"])
+            self.relate.load_state_dict(state["relation"])
+            for name, opt in self.optimizers.items():
+                if name not in state["optimizers"]:
+                    raise CheckpointError(f"the checkpoint has no state for the optimiser {name!r}")
+                opt.load_state_dict(state["optimizers"][name])
+            if self.graph_optimizer is not None and state["graph_optimizer"] is not None:
+                self.graph_optimizer.load_state_dict(state["graph_optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = " ".join(str(exc).strip().splitlines()[:2])
+            raise CheckpointError(f"the checkpoint in {self.checkpoint_dir} does not fit the model this recipe "
+                                  f"builds (was the plugin changed since?): {first}") from None
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])

@@ -126,6 +126,18 @@ def test_resume_checks_the_recipe(straight_run, tmp_path, capsys):
     assert "at step 12, past training.steps=10" in capsys.readouterr().err
 
 
+def test_a_damaged_checkpoint_is_named_not_trusted(straight_run, tmp_path, capsys):
+    import shutil
+
+    _, straight = straight_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    state = run_dir / "checkpoint" / CHECKPOINT_FILE
+    state.write_bytes(state.read_bytes()[:1000])
+    assert run_main(["--resume", str(run_dir)]) == 2
+    assert f"cannot read the checkpoint {state}" in capsys.readouterr().err
+
+
 def test_sigkill_mid_training_then_resume(tmp_path):
     path = write_recipe(tmp_path, training={"steps": 120, "checkpoint_every": 10, "log_every": 10})
     run_dir = tmp_path / "run"
@@ -138,7 +150,10 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     proc.wait(timeout=30)
     killed_at = checkpoint_step(run_dir)
     assert 10 <= killed_at < 120 and not (run_dir / "model.pt").exists()
-    assert run_main(["--resume", str(run_dir)]) == 0
+    resumed = spawn(["--resume", run_dir])
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resuming from the checkpoint at step {killed_at} of 120" in err
     for name in EXPECTED_FILES:
         assert (run_dir / name).is_file(), name
     history = json.loads((run_dir / "history.json").read_text())
