@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+    if args.quick:
+        print("--quick: small sizes; the 'met' column is not the verdict on the issue's targets\n")
     print(format_table(rows))
     print(f"\nwritten to {args.out}")
     return 1 if any("error" in r for r in rows) else 0
