@@ -25,8 +25,44 @@ def _run_parser(prog: str = "gem-run") -> argparse.ArgumentParser:
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last checkpoint (RECIPE defaults to its recipe.yaml)")
+    parser.add_argument("--num-processes", type=int, default=1, metavar="N",
+                        help="train data-parallel on N processes (GPUs, or CPU processes) through accelerate's "
+                             "launcher; same as `accelerate launch --multi_gpu --num_processes N -m gem.cli run ...`")
+    parser.add_argument("--main-process-port", type=int, help="port the processes meet on (default: a free one)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _world_size() -> int:
+    """Processes of the distributed job this one belongs to (1 when not launched by accelerate/torchrun)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _launch(args: argparse.Namespace, run_dir: Path) -> int:
+    """Re-run this command on ``args.num_processes`` processes with accelerate's launcher."""
+    import socket
+    import subprocess
+
+    import torch
+
+    port = args.main_process_port
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    child = [*([args.recipe] if args.recipe else []), *(f"--set={o}" for o in args.overrides)]
+    if not torch.cuda.is_available():  # CPU processes talk over gloo (see README, "Several processes")
+        child.append("--set=training.cpu=true")
+    child += ["--resume", str(run_dir)] if args.resume is not None else ["--out", str(run_dir)]
+    if args.debug:
+        child.append("--debug")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", str(args.num_processes), "--num_machines", "1", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "gem.cli", "run", *child]
+    print(f"gem: launching {args.num_processes} processes: {' '.join(command[2:])}", file=sys.stderr)
+    return subprocess.run(command).returncode
 
 
 def run_main(argv: Optional[Sequence[str]] = None, prog: str = "gem-run") -> int:
@@ -40,6 +76,8 @@ def _run(args: argparse.Namespace) -> int:
     from gem.pipeline import make_run_dir, run_recipe
     from gem.report import format_summary
 
+    if args.num_processes < 1:
+        raise RecipeError(f"--num-processes must be >= 1, got {args.num_processes}")
     registry = Registry(make_plugin_manager())
     if args.resume is not None:
         from gem.pipeline import resume_recipe
@@ -52,12 +90,29 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_recipe:
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0
-    run_dir = args.resume if args.resume is not None else make_run_dir(recipe, args.out)
+    accelerator = None
+    if _world_size() > 1:  # launched by accelerate/torchrun: agree on one run folder
+        from accelerate.utils import broadcast_object_list
+
+        from gem.training import make_accelerator
+
+        accelerator = make_accelerator(recipe.training)
+        folder = [str(args.resume or make_run_dir(recipe, args.out)) if accelerator.is_main_process else None]
+        run_dir = Path(broadcast_object_list(folder)[0])
+    else:
+        run_dir = args.resume if args.resume is not None else make_run_dir(recipe, args.out)
+        if args.num_processes > 1:
+            return _launch(args, run_dir)
+    main = accelerator is None or accelerator.is_main_process
     verb = "resuming" if args.resume is not None else "running"
-    print(f"gem {__version__}: {verb} recipe {recipe.name!r} into {run_dir}", file=sys.stderr)
-    result = run_recipe(recipe, registry, run_dir, resume=args.resume is not None)
-    print(format_summary(result.summary))
-    print(f"report: {run_dir / 'report.html'}")
+    if main:
+        print(f"gem {__version__}: {verb} recipe {recipe.name!r} into {run_dir}", file=sys.stderr)
+    result = run_recipe(recipe, registry, run_dir, accelerator=accelerator, resume=args.resume is not None)
+    if accelerator is not None:
+        accelerator.end_training()  # without it one process may abort on exit
+    if main:
+        print(format_summary(result.summary))
+        print(f"report: {run_dir / 'report.html'}")
     return 0
 
 

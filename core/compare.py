@@ -269,12 +269,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def plot_comparison(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Bar charts with ±std error bars, one panel per column, one bar per method."""
-    from gem.report import _grid_figure
+    from gem.report import _new_figure
 
     labels = [label for label, *_ in COLUMNS]
     ncols = 4
     nrows = math.ceil(len(labels) / ncols)
-    fig, axes = _grid_figure(nrows, ncols, panel_w=3.2, panel_h=2.6)
+    fig = _new_figure(4 * ncols, (0.6 + 0.17 * len(rows)) * nrows + 0.4)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     methods = [r["method"] for r in rows]
     y = np.arange(len(methods))
     for ax, (label, _, better, _) in zip(axes, COLUMNS):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -30,7 +31,7 @@ from gem.plugins import Registry
 from gem.recipe import Recipe, RecipeError, apply_overrides, load_recipe_file, validate_recipe
 from gem.relations import RelationModel
 from gem.score_cache import ScoreCache, image_hash
-from gem.training import CheckpointError, Interrupted, Trainer, encode_images, load_checkpoint
+from gem.training import CheckpointError, Interrupted, Trainer, encode_images, load_checkpoint, make_accelerator
 
 #: Recipe keys a resumed run may change: they do not change what the run computes.
 RESUME_MAY_CHANGE = ("training.steps", "training.checkpoint_every", "training.num_workers", "training.threads")
@@ -59,13 +60,18 @@ def make_run_dir(recipe: Recipe, out: Optional[Path] = None) -> Path:
 
 
 def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndarray, batch_size: int,
-                 cache: Optional[ScoreCache] = None, show_progress: bool = True) -> tuple[np.ndarray, dict[str, int]]:
+                 cache: Optional[ScoreCache] = None, show_progress: bool = True,
+                 accelerator: Optional[Accelerator] = None) -> tuple[np.ndarray, dict[str, int]]:
     """Oracle scores (len(indices), n), NaN where the oracle gave no valid score.
 
     With a cache (and an oracle that has a ``cache_key``) cached scores are reused and only the
     missing image-attribute pairs are asked; each scored batch is committed at once.
-    Returns the scores and counters (``cache_hits``, ``images_asked``).
+    With an accelerator of N processes, process k asks every N-th missing image from k on, and
+    the results are gathered, so N processes make the same requests as one.
+    Returns the scores and counters (``cache_hits``, ``images_asked``; summed over processes).
     """
+    processes = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
     attributes = list(dataset.attributes)
     scores = np.full((len(indices), len(attributes)), np.nan)
     key = getattr(oracle, "cache_key", "") if cache is not None else ""
@@ -77,7 +83,9 @@ def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndar
     groups: dict[tuple[int, ...], list[int]] = {}
     for row in np.flatnonzero(np.isnan(scores).any(axis=1)):
         groups.setdefault(tuple(np.flatnonzero(np.isnan(scores[row]))), []).append(int(row))
+    groups = {cols: rows[rank::processes] for cols, rows in groups.items()}
     asked = sum(len(rows) for rows in groups.values())
+    answered: list[tuple[np.ndarray, tuple[int, ...], np.ndarray]] = []
     with tqdm(total=asked, desc="score", unit="img", disable=not show_progress) as bar:
         for cols, rows in groups.items():
             names = [attributes[j] for j in cols]
@@ -93,20 +101,44 @@ def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndar
                     raise ValueError(f"oracle returned {result[i, j]} for {names[j]!r} of image {indices[chunk][i]}; "
                                      "scores must be in 0..5 or NaN for missing")
                 scores[np.ix_(chunk, cols)] = result
+                answered.append((chunk, cols, result))
                 if key:
                     cache.put(key, [hashes[r] for r in chunk], names, result)
                 bar.update(len(chunk))
+    if processes > 1:
+        from accelerate.utils import gather_object
+
+        for chunk, cols, result in gather_object(answered):
+            scores[np.ix_(chunk, cols)] = result
+        asked = int(sum(gather_object([asked])))
     return scores, {"cache_hits": cache_hits, "images_asked": asked}
 
 
 def score_with_cache(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndarray, recipe: Recipe,
-                     show_progress: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+                     show_progress: bool = True,
+                     accelerator: Optional[Accelerator] = None) -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`score_images` through ``<cache_dir>/oracle_scores.sqlite`` (unless ``scoring.cache``
-    is off); closes the oracle and the cache, and merges the oracle's own counters."""
-    cache = ScoreCache(Path(recipe.cache_dir) / "oracle_scores.sqlite") if recipe.scoring.cache else None
+    is off); closes the oracle and the cache, and merges the oracle's own counters (summed over
+    processes when ``accelerator`` shards the scoring)."""
+    cache = None
+    if recipe.scoring.cache:
+        # The main process creates the file and switches it to WAL first: two processes doing
+        # that at once get "database is locked" at once, without waiting for the busy timeout.
+        with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+            cache = ScoreCache(Path(recipe.cache_dir) / "oracle_scores.sqlite")
     try:
-        scores, counts = score_images(oracle, dataset, indices, recipe.scoring.batch_size, cache, show_progress)
-        return scores, {**counts, **getattr(oracle, "stats", dict)()}
+        scores, counts = score_images(oracle, dataset, indices, recipe.scoring.batch_size, cache, show_progress,
+                                      accelerator)
+        stats = getattr(oracle, "stats", dict)()
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            totals: dict[str, Any] = {}
+            for part in gather_object([stats]):
+                for k, v in part.items():
+                    totals[k] = totals.get(k, 0) + v if isinstance(v, (int, float)) else v
+            stats = totals
+        return scores, {**counts, **stats}
     finally:
         getattr(oracle, "close", lambda: None)()
         if cache is not None:
@@ -183,7 +215,7 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     topts = recipe.training
     if topts.threads:
         torch.set_num_threads(topts.threads)
-    acc = accelerator or Accelerator(cpu=topts.cpu, mixed_precision=topts.mixed_precision)
+    acc = accelerator or make_accelerator(topts)
     set_seed(recipe.seed)
     main = acc.is_main_process
     figures = run_dir / "figures"
@@ -222,7 +254,8 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     oracle = build("oracle") if saved is None else None
     if saved is None:
         try:
-            scores, oracle_counters = score_with_cache(oracle, dataset, scored_idx, recipe, show_progress=main)
+            scores, oracle_counters = score_with_cache(oracle, dataset, scored_idx, recipe, show_progress=main,
+                                                       accelerator=acc)
         except KeyboardInterrupt as exc:
             if isinstance(exc, Interrupted):
                 raise
@@ -244,7 +277,8 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     #    depend on whether the scores came from the oracle or from a checkpoint.
     graph.set_anchor(torch.as_tensor(ranking.impact, dtype=torch.float32))
     relation = RelationModel(graph, n)
-    set_seed(recipe.seed + 1)
+    # With several processes each draws its own noise (device_specific); weights start equal.
+    set_seed(recipe.seed + 1, device_specific=acc.num_processes > 1)
     trainer = Trainer(extractor, relation, dataset.images, train_idx, topts, recipe.seed, acc,
                       checkpoint_dir=checkpoint_dir, sample_weights=dataset.sample_weights)
     if state is not None:
@@ -261,6 +295,10 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
         trainer.fit(min(topts.warmup_steps, topts.steps), desc="warm-up")
         means = encode_images(trainer.model, dataset.images, scored_idx, acc.device)
         binding = bind_latents(means, scores)
+        if acc.num_processes > 1:  # every process binds as the main one did
+            from accelerate.utils import broadcast_object_list
+
+            binding.latent_of, binding.sign = broadcast_object_list([binding.latent_of, binding.sign])
         trainer.relate.bind(binding.latent_of, binding.sign)
         if topts.checkpoint_every:
             trainer.save(checkpoint_dir)  # the binding is part of every later checkpoint
@@ -270,11 +308,14 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     train_seconds = time.perf_counter() - train_started
     trainer.save(checkpoint_dir)
     try:
-        return _finish(recipe, registry, run_dir, acc, dataset, scores, scored_idx, eval_idx, ranking,
-                       trainer, latent_of, sign, oracle_counters, train_seconds, started)
+        result = _finish(recipe, registry, run_dir, acc, dataset, scores, scored_idx, eval_idx, ranking,
+                         trainer, latent_of, sign, oracle_counters, train_seconds, started)
     except KeyboardInterrupt as exc:
         raise Interrupted(f"stopped after training (the final checkpoint is saved); "
                           f"continue with: gem-run --resume {run_dir}") from exc
+    if accelerator is None and acc.num_processes > 1:
+        acc.end_training()  # without it one process may abort on exit
+    return result
 
 
 def _finish(recipe: Recipe, registry: Registry, run_dir: Path, acc: Accelerator, dataset: ImageDataset,
@@ -292,7 +333,10 @@ def _finish(recipe: Recipe, registry: Registry, run_dir: Path, acc: Accelerator,
         atomic_write_bytes(run_dir / "model.pt", buffer.getvalue())
     pm.hook.gem_on_stage_end(stage="train", outputs={"history": trainer.history, "adjacency": learned})
 
-    # 5. Evaluation and report.
+    # 5. Evaluation and report, on the main process (the others wait for it at the end).
+    if not main:
+        acc.wait_for_everyone()
+        return RunResult(run_dir, {}, {})
     result_metrics: dict[str, Any] = {
         "reconstruction": evaluation.reconstruction_metrics(model, rel, dataset.images, eval_idx, acc.device),
         "relations": evaluation.relation_metrics(learned, ranking, dataset.true_impact),

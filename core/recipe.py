@@ -51,11 +51,14 @@ class TrainingOptions:
     cpu: bool = False
     """Force the CPU even when a GPU is visible."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Passed to accelerate (bf16 needs a recent CPU or an Ampere+ GPU; fp16 a GPU)."""
+    gradient_accumulation_steps: int = 1
+    """Update the models every k batches (effective batch k x batch_size); ``steps`` counts batches."""
     threads: int = 0
     """torch intra-op threads on the CPU; 0 leaves torch's default."""
 
     def __post_init__(self) -> None:
-        _check_ranges(self, positive=("steps", "batch_size", "log_every", "graph_lr"),
+        _check_ranges(self, positive=("steps", "batch_size", "log_every", "graph_lr", "gradient_accumulation_steps"),
                       non_negative=("warmup_steps", "checkpoint_every", "num_workers", "threads"))
 
 

@@ -93,6 +93,53 @@ class EpochSampler(Sampler[int]):
         return self.n - self.skip
 
 
+def make_accelerator(options: TrainingOptions) -> Any:
+    """The run's accelerator: device, mixed precision and gradient accumulation from the recipe.
+
+    Batches are split across processes (``split_batches``): each of N processes trains on
+    ``batch_size / N`` images of every batch, so a recipe means the same optimisation on one
+    process or many.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    return Accelerator(cpu=options.cpu, mixed_precision=options.mixed_precision,
+                       gradient_accumulation_steps=options.gradient_accumulation_steps,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+class GradientAveraging:
+    """Wraps an (accelerate) optimiser so that ``step`` first averages its gradients over processes.
+
+    Extractors own their steps and may run several backward passes per batch (a discriminator, a
+    critic, the graph penalty), which DistributedDataParallel's one-forward-one-backward hooks do
+    not cover. Averaging each optimiser's gradients right before its step keeps every replica
+    identical for any such step. The gradients go in one flat all-reduce per optimiser.
+    """
+
+    def __init__(self, optimizer: Any, accelerator: Any):
+        self.optimizer, self.accelerator = optimizer, accelerator
+
+    def _average(self) -> None:
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.accelerator.reduce(flat, reduction="mean")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.accelerator.sync_gradients:
+            self._average()
+        return self.optimizer.step(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
+
+
 def to_float(batch: torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
     return batch.permute(0, 3, 1, 2).float().div_(255.0)
@@ -143,6 +190,9 @@ class Trainer:
         if len(train_indices) < options.batch_size:
             raise ValueError(f"training.batch_size is {options.batch_size} but only {len(train_indices)} "
                              "training images are left; lower the batch size or add images")
+        if options.batch_size % accelerator.num_processes:
+            raise ValueError(f"training.batch_size is {options.batch_size}, which {accelerator.num_processes} "
+                             "processes cannot share evenly; use a multiple of the number of processes")
         self.options = options
         self.accelerator = accelerator
         self.checkpoint_dir = checkpoint_dir
@@ -157,11 +207,20 @@ class Trainer:
                             sampler=self.sampler, drop_last=True, num_workers=options.num_workers,
                             generator=torch.Generator().manual_seed(seed))
         extra = [self.graph_optimizer] if self.graph_optimizer is not None else []
-        prepared = accelerator.prepare(extractor, relation, loader, *optimizers.values(), *extra)
-        self.extractor, self.relation, self.loader = prepared[:3]
-        self.optimizers = dict(zip(optimizers, prepared[3:3 + len(optimizers)]))
+        if any(p.requires_grad for p in relation.parameters()):
+            relation = accelerator.prepare(relation)
+        else:  # DistributedDataParallel refuses a module with nothing to train (identity, fixed graphs)
+            relation = relation.to(accelerator.device)
+        prepared = accelerator.prepare(extractor, loader, *optimizers.values(), *extra)
+        self.extractor, self.loader = prepared[:2]
+        self.relation = relation
+        self.optimizers = dict(zip(optimizers, prepared[2:2 + len(optimizers)]))
         if extra:
             self.graph_optimizer = prepared[-1]
+        if accelerator.num_processes > 1:
+            self.optimizers = {k: GradientAveraging(v, accelerator) for k, v in self.optimizers.items()}
+            if self.graph_optimizer is not None:
+                self.graph_optimizer = GradientAveraging(self.graph_optimizer, accelerator)
         self.step = 0
         self.history: list[dict[str, float]] = []
         #: Saved with every checkpoint (the pipeline puts the scores here).
@@ -201,16 +260,18 @@ class Trainer:
         try:
             while self.step < until:
                 x = to_float(next(self._batches))
-                with acc.autocast():
+                # The step runs on the unwrapped modules (extractors own several backward passes);
+                # GradientAveraging keeps the replicas in sync, accumulate() skips steps between updates.
+                with acc.accumulate(self.extractor, self.relation), acc.autocast():
                     logs = self.model.training_step(x, self.relation, acc, self.optimizers)
                     if train_graph:
                         penalty = self.relate.graph.penalty()
                         acc.backward(penalty)
                         logs["graph_penalty"] = penalty.item()
-                if train_graph:
-                    self.graph_optimizer.step()
-                    self.graph_optimizer.zero_grad(set_to_none=True)
-                    self.relate.graph.end_step(self.step)
+                        self.graph_optimizer.step()
+                        self.graph_optimizer.zero_grad(set_to_none=True)
+                        if acc.sync_gradients:
+                            self.relate.graph.end_step(self.step)
                 for key, value in logs.items():
                     if not math.isfinite(value):
                         raise NonFiniteLossError(f"loss term {key!r} became {value} at step {self.step}; "
@@ -220,7 +281,8 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 if self._count == opts.log_every or self.step == until:
-                    record = {"step": self.step, **{k: v / self._count for k, v in self._sums.items()}}
+                    record = {"step": self.step, **self._mean_over_processes(
+                        {k: v / self._count for k, v in self._sums.items()})}
                     self.history.append(record)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "recon", "kl")})
                     self._sums, self._count = {}, 0
@@ -231,6 +293,15 @@ class Trainer:
         finally:
             bar.close()
             self._restore_sigint(previous)
+
+    def _mean_over_processes(self, logs: dict[str, float]) -> dict[str, float]:
+        """Loss terms averaged over every process's share of the batches."""
+        if self.accelerator.num_processes == 1 or not logs:
+            return logs
+        keys = sorted(logs)
+        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(keys, values.tolist()))
 
     # -- interruption ---------------------------------------------------------------------------
     def stop_requested(self) -> bool:
@@ -321,7 +392,7 @@ class Trainer:
         self._sums, self._count = dict(state["log_sums"]), int(state["log_count"])
         self.extra = dict(state["extra"])
         self.last_checkpoint_step = self.step
-        self.sampler.seek(self.step, self.options.batch_size, self.accelerator.num_processes)
+        self.sampler.seek(self.step, self.options.batch_size)  # split batches: one global order
         self._batches = self._forever()
         set_rng_state(state["rng"])
 

@@ -157,9 +157,9 @@ class FactorVAE(VAEExtractor):
         half = len(f.z) // 2
         codes = f.z.detach()
         loss_d, d_terms = self.loss.discriminator(self.critic(codes[:half]), self.critic(permute_dims(codes[half:])))
-        optimizers["critic"].zero_grad(set_to_none=True)
         accelerator.backward(loss_d)
         optimizers["critic"].step()
+        optimizers["critic"].zero_grad(set_to_none=True)
         self.critic.requires_grad_(False)
         loss, terms = self.loss(f.logits, f.x, f.mu, f.logvar, self.critic(f.z))
         self.critic.requires_grad_(True)

@@ -5,7 +5,7 @@ adversarial term that replaces the N(0, I) assumption the relation graph breaks
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -64,26 +64,31 @@ class GemVAE(VAEExtractor):
             return {}
         return {"disc": torch.optim.Adam(self.discriminator.parameters(), lr=self.options.disc_lr, betas=(0.5, 0.999))}
 
+    def prior_codes(self, z: torch.Tensor, relate: Relate) -> Optional[torch.Tensor]:
+        """Prior samples z ~ N(0, I) for the decoder pairs, once the adversarial term is on."""
+        use = self.discriminator is not None and (
+            not self.options.adversarial_from_binding or getattr(relate, "is_bound", True))
+        if not use:
+            return None
+        return torch.randn_like(z[:min(self.options.adversarial_pairs or len(z), len(z))])
+
     def objective(self, f: Forward, relate: Relate, accelerator: Any,
                   optimizers: dict[str, torch.optim.Optimizer]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         opts = self.options
         loss_dis, terms = self.vae_loss(f.logits, f.x, f.mu, f.logvar)
         loss = opts.lambda_dis * loss_dis
-        use_adversarial = self.discriminator is not None and (
-            not opts.adversarial_from_binding or getattr(relate, "is_bound", True))
-        if not use_adversarial:
+        if f.z_prior is None:
             return loss, terms
-        batch = min(opts.adversarial_pairs or len(f.z), len(f.z))
-        z_prior = torch.randn_like(f.z[:batch])
-        x_fake = torch.sigmoid(self.decoder(relate(z_prior)))
+        batch = len(f.z_prior)
+        x_fake = torch.sigmoid(f.prior_logits)
         # Encoder pairs (x, z) and decoder pairs (x_fake, z_prior) go through D as one batch.
-        pair_x, pair_z = torch.cat([f.x[:batch], x_fake]), torch.cat([f.z[:batch], z_prior])
+        pair_x, pair_z = torch.cat([f.x[:batch], x_fake]), torch.cat([f.z[:batch], f.z_prior])
         # Discriminator step on detached pairs.
         logits = self.discriminator(pair_x.detach(), pair_z.detach())
         loss_d, d_terms = self.adv_loss.discriminator(logits[:batch], logits[batch:])
-        optimizers["disc"].zero_grad(set_to_none=True)
         accelerator.backward(loss_d)
         optimizers["disc"].step()
+        optimizers["disc"].zero_grad(set_to_none=True)
         # Encoder/decoder get the opposite labels; D's weights stay fixed for this part.
         self.discriminator.requires_grad_(False)
         logits = self.discriminator(pair_x, pair_z)

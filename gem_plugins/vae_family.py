@@ -38,7 +38,9 @@ class Forward:
     """One pass through the encoder and decoder: the inputs of every objective.
 
     x : images (B, 3, H, W) in [0, 1]; mu, logvar, z : posterior mean, log-variance and
-    reparameterised sample (B, d); logits : decoder output for ``relate(z)`` (B, 3, H, W).
+    reparameterised sample (B, d); logits : decoder output for ``relate(z)`` (B, 3, H, W);
+    z_prior, prior_logits : the codes :meth:`VAEExtractor.prior_codes` asked for (K, d) and
+    their decoder output (K, 3, H, W), or None.
     """
 
     x: torch.Tensor
@@ -46,6 +48,8 @@ class Forward:
     logvar: torch.Tensor
     z: torch.Tensor
     logits: torch.Tensor
+    z_prior: Optional[torch.Tensor] = None
+    prior_logits: Optional[torch.Tensor] = None
 
 
 class VAEExtractor(Extractor):
@@ -85,21 +89,33 @@ class VAEExtractor(Extractor):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.decoder(z))
 
+    def prior_codes(self, z: torch.Tensor, relate: Relate) -> Optional[torch.Tensor]:
+        """Codes to decode along with z in the same pass (e.g. prior samples for an adversarial
+        term); None (the default) for none."""
+        return None
+
     @abc.abstractmethod
     def objective(self, f: Forward, relate: Relate, accelerator: Any,
                   optimizers: dict[str, torch.optim.Optimizer]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The encoder/decoder loss and its named terms. Extra networks may take their own
-        optimiser step here (their optimisers are in ``optimizers``)."""
+        optimiser step here (their optimisers are in ``optimizers``): backward, ``step()``, then
+        ``zero_grad()``, in that order, so gradient accumulation works (accelerate skips both
+        calls between updates)."""
 
     def training_step(self, x: torch.Tensor, relate: Relate, accelerator: Any,
                       optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
         mu, logvar = self.encoder(x)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        forward = Forward(x, mu, logvar, z, self.decoder(relate(z)))
+        z_prior = self.prior_codes(z, relate)
+        if z_prior is None:
+            forward = Forward(x, mu, logvar, z, self.decoder(relate(z)))
+        else:  # one relate (one graph evaluation) and one decoder pass for both
+            logits = self.decoder(relate(torch.cat([z, z_prior])))
+            forward = Forward(x, mu, logvar, z, logits[:len(z)], z_prior, logits[len(z):])
         loss, terms = self.objective(forward, relate, accelerator, optimizers)
-        optimizers["vae"].zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizers["vae"].step()
+        optimizers["vae"].zero_grad(set_to_none=True)
         self.steps_done += 1
         logs = {k: float(v.detach()) for k, v in terms.items()}
         logs["loss"] = loss.item()
