@@ -38,8 +38,14 @@ class GemVAEOptions(VAEOptions):
     The term is an expectation over pairs; a subsample estimates it at a fraction of the cost
     (see docs/design.md, "Cost of the adversarial term")."""
 
+    adversarial_every: int = 1
+    """Apply the adversarial term (and step the discriminator) on every k-th step only, with its
+    weight scaled by k so its expected gradient is unchanged; 1 = every step (the paper)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.adversarial_every < 1:
+            raise ValueError(f"adversarial_every must be >= 1, got {self.adversarial_every}")
         if self.disc_channels < 1 or self.disc_downsample < 1 or self.adversarial_pairs < 0:
             raise ValueError("disc_channels and disc_downsample must be >= 1 and adversarial_pairs >= 0, got "
                              f"{self.disc_channels}, {self.disc_downsample}, {self.adversarial_pairs}")
@@ -68,7 +74,7 @@ class GemVAE(VAEExtractor):
         """Prior samples z ~ N(0, I) for the decoder pairs, once the adversarial term is on."""
         use = self.discriminator is not None and (
             not self.options.adversarial_from_binding or getattr(relate, "is_bound", True))
-        if not use:
+        if not use or int(self.steps_done) % self.options.adversarial_every:
             return None
         return torch.randn_like(z[:min(self.options.adversarial_pairs or len(z), len(z))])
 
@@ -94,7 +100,7 @@ class GemVAE(VAEExtractor):
         logits = self.discriminator(pair_x, pair_z)
         self.discriminator.requires_grad_(True)
         loss_g, g_terms = self.adv_loss(logits[:batch], logits[batch:])
-        return loss + opts.lambda_adv * loss_g, {**terms, **d_terms, **g_terms}
+        return loss + opts.lambda_adv * opts.adversarial_every * loss_g, {**terms, **d_terms, **g_terms}
 
 
 @hookimpl

@@ -227,3 +227,17 @@ def test_gem_has_no_adversarial_term_before_binding(registry, tmp_path):
     relation = RelationModel(IdentityGraph(None, context), 2)
     logs = model.training_step(_images(), relation, Accelerator(cpu=True), model.configure_optimizers())
     assert "adv_g" not in logs
+
+
+def test_gem_adversarial_every_k_steps(registry, tmp_path):
+    reg = registry.get("extractor", "gem_vae")
+    context = BuildContext(seed=0, run_dir=tmp_path, cache_dir=tmp_path, attributes=["a", "b"])
+    model = reg.build(reg.options(**TINY, adversarial_every=3), context)
+    relation = RelationModel(IdentityGraph(None, context), 2)
+    relation.bind(np.arange(2), np.ones(2))
+    optimizers = model.configure_optimizers()
+    with_term = ["adv_g" in model.training_step(_images(), relation, Accelerator(cpu=True), optimizers)
+                 for _ in range(6)]
+    assert with_term == [True, False, False, True, False, False]
+    with pytest.raises(ValueError, match="adversarial_every must be >= 1"):
+        reg.options(adversarial_every=0)
