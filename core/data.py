@@ -30,9 +30,9 @@ import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -523,6 +523,57 @@ def sampling_probabilities(factors01: np.ndarray, pairs: Sequence[Sequence[Any]]
     log_w = _log_weights(factors01, pairs, sigma)
     w = np.exp(log_w - log_w.max())
     return w / w.sum()
+
+
+@dataclass
+class FactorDataOptions:
+    """Options every labelled factor data set shares (shapes3d, dsprites): subclasses set the
+    defaults of ``root`` and ``factors`` and call :meth:`check` from ``__post_init__``.
+
+    Attributes
+    ----------
+    root : folder holding the data file (or the path of the file itself).
+    factors : the factors GEM models, one attribute each.
+    max_images : use a seeded random subset of this many images (None: all). The images are
+        always put in a seeded random order; the subset is its first max_images.
+    image_size : side length; the 64x64 originals are resized when it differs.
+    seed : seed of the order/subset; None uses the recipe seed.
+    correlation : correlated-sampling preset: weak (sigma 0.4), medium (0.1), strong (0.04),
+        or confounder (one factor tied to all others); None samples uniformly.
+    correlated_pairs : ``[factor_a, factor_b]`` or ``[factor_a, factor_b, inverse]``.
+    sigma : pair width overriding the preset's.
+    confounder : the factor tied to all others with ``correlation: confounder``.
+    """
+
+    root: str = ""
+    factors: list[str] = field(default_factory=list)
+    max_images: Optional[int] = None
+    image_size: int = 64
+    seed: Optional[int] = None
+    correlation: Optional[Literal["weak", "medium", "strong", "confounder"]] = None
+    correlated_pairs: list[list] = field(default_factory=list)
+    sigma: Optional[float] = None
+    confounder: Optional[str] = None
+
+    def check(self, where: str, levels: Mapping[str, int], n_images: int, file_name: str,
+              unknown_hint: str = "") -> None:
+        """Validate every field (raises ValueError naming ``where`` and the allowed values)."""
+        self.factors = list(self.factors)
+        allowed = ", ".join(levels)
+        if not self.factors:
+            raise ValueError(f"{where}: factors must not be empty; allowed: {allowed}")
+        unknown = [f for f in self.factors if f not in levels]
+        if unknown:
+            raise ValueError(f"{where}: unknown factor(s) {unknown}; allowed: {allowed}{unknown_hint}")
+        if len(set(self.factors)) != len(self.factors):
+            raise ValueError(f"{where}: factors listed twice in {self.factors}")
+        if self.max_images is not None and not 1 <= self.max_images <= n_images:
+            raise ValueError(f"{where}: max_images must be in 1..{n_images} or null, got {self.max_images}")
+        if self.image_size < 16:
+            raise ValueError(f"{where}: image_size must be >= 16, got {self.image_size}")
+        if not self.root:
+            raise ValueError(f"{where}: root must name the folder that holds {file_name}")
+        validate_correlation_options(self, list(levels), where)
 
 
 def validate_correlation_options(options: Any, factor_names: Sequence[str], where: str) -> None:

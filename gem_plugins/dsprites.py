@@ -15,13 +15,13 @@ import hashlib
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator, Literal, Optional
+from typing import IO, Iterator
 
 import numpy as np
 
 from gem import hookimpl
-from gem.data import (MissingDataError, build_array_cache, cache_file, class_scores, plan_correlation,
-                      shuffled_subset, validate_correlation_options)
+from gem.data import (FactorDataOptions, MissingDataError, build_array_cache, cache_file, class_scores, plan_correlation,
+                      shuffled_subset)
 from gem.interfaces import BuildContext, ImageDataset
 from gem_plugins.somersd import somers_d_matrix
 
@@ -46,50 +46,19 @@ def _all_factors() -> list[str]:
 
 
 @dataclass
-class DSpritesOptions:
-    """Recipe options of the ``dsprites`` data set.
+class DSpritesOptions(FactorDataOptions):
+    """Recipe options of the ``dsprites`` data set (see :class:`gem.data.FactorDataOptions`).
 
-    Attributes
-    ----------
-    root : folder holding the npz (or the path of the npz itself).
-    factors : the factors GEM models (default: shape, scale, orientation, posX, posY).
-    max_images : use a seeded random subset of this many images (None: all 737,280); the images
-        are always in a seeded random order and the subset is its first max_images.
-    image_size : side length; the 64x64 sprites are resized when it differs.
-    seed : seed of the order/subset; None uses the recipe seed.
-    correlation, correlated_pairs, sigma, confounder : correlated sampling, as for shapes3d
-        (a bare preset correlates ``scale`` and ``posX``; ``correlation: confounder`` ties
-        ``shape`` to all others unless ``confounder`` names another factor).
+    factors default to shape, scale, orientation, posX and posY; there are 737,280 images; a bare
+    correlation preset correlates ``scale`` and ``posX``, and ``correlation: confounder`` ties
+    ``shape`` to all others unless ``confounder`` names another factor.
     """
 
     root: str = "data/dsprites"
     factors: list[str] = field(default_factory=_all_factors)
-    max_images: Optional[int] = None
-    image_size: int = 64
-    seed: Optional[int] = None
-    correlation: Optional[Literal["weak", "medium", "strong", "confounder"]] = None
-    correlated_pairs: list[list] = field(default_factory=list)
-    sigma: Optional[float] = None
-    confounder: Optional[str] = None
 
     def __post_init__(self) -> None:
-        self.factors = list(self.factors)
-        allowed = ", ".join(FACTOR_LEVELS)
-        if not self.factors:
-            raise ValueError(f"dsprites: factors must not be empty; allowed: {allowed}")
-        unknown = [f for f in self.factors if f not in FACTOR_LEVELS]
-        if unknown:
-            raise ValueError(f"dsprites: unknown factor(s) {unknown}; allowed: {allowed} "
-                             f"(colour is constant in dSprites)")
-        if len(set(self.factors)) != len(self.factors):
-            raise ValueError(f"dsprites: factors listed twice in {self.factors}")
-        if self.max_images is not None and not 1 <= self.max_images <= N_IMAGES:
-            raise ValueError(f"dsprites: max_images must be in 1..{N_IMAGES} or null, got {self.max_images}")
-        if self.image_size < 16:
-            raise ValueError(f"dsprites: image_size must be >= 16, got {self.image_size}")
-        if not self.root:
-            raise ValueError(f"dsprites: root must name the folder that holds {FILE_NAME}")
-        validate_correlation_options(self, list(FACTOR_LEVELS), "dsprites")
+        self.check("dsprites", FACTOR_LEVELS, N_IMAGES, FILE_NAME, " (colour is constant in dSprites)")
 
 
 def resolve_file(root: str) -> Path:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
 
 import numpy as np
 
 from gem import hookimpl
-from gem.data import (MissingDataError, build_array_cache, cache_file, plan_correlation, shuffled_subset,
-                      validate_correlation_options)
+from gem.data import (FactorDataOptions, MissingDataError, build_array_cache, cache_file, plan_correlation,
+                      shuffled_subset)
 from gem.interfaces import BuildContext, ImageDataset
 from gem_plugins.somersd import somers_d_matrix
 from gem_plugins.synthetic import attribute_scores
@@ -55,53 +54,19 @@ def _all_factors() -> list[str]:
 
 
 @dataclass
-class Shapes3DOptions:
-    """Recipe options of the ``shapes3d`` data set.
+class Shapes3DOptions(FactorDataOptions):
+    """Recipe options of the ``shapes3d`` data set (see :class:`gem.data.FactorDataOptions`).
 
-    Attributes
-    ----------
-    root : folder holding ``3dshapes.h5`` (or the path of the file itself).
-    factors : the factors GEM models, one attribute each (all six by default).
-    max_images : use a seeded random subset of this many images (None: all 480,000). The
-        images are always put in a seeded random order, the subset is its first max_images.
-    image_size : side length; the 64x64 renders are resized when it differs.
-    seed : seed of the order/subset; None uses the recipe seed.
-    correlation : correlated-sampling preset: weak (sigma 0.4), medium (0.1), strong (0.04),
-        or confounder (one factor tied to all others); None samples uniformly.
-    correlated_pairs : ``[factor_a, factor_b]`` or ``[factor_a, factor_b, inverse]``; a bare
-        preset correlates ``object_hue`` and ``scale``.
-    sigma : pair width overriding the preset's.
-    confounder : the factor tied to all others (with ``correlation: confounder`` it defaults to
-        floor_hue).
+    factors default to all six; there are 480,000 images; a bare correlation preset correlates
+    ``object_hue`` and ``scale``, and ``correlation: confounder`` ties ``floor_hue`` to all others
+    unless ``confounder`` names another factor.
     """
 
     root: str = "data/shapes3d"
     factors: list[str] = field(default_factory=_all_factors)
-    max_images: Optional[int] = None
-    image_size: int = 64
-    seed: Optional[int] = None
-    correlation: Optional[Literal["weak", "medium", "strong", "confounder"]] = None
-    correlated_pairs: list[list] = field(default_factory=list)
-    sigma: Optional[float] = None
-    confounder: Optional[str] = None
 
     def __post_init__(self) -> None:
-        self.factors = list(self.factors)
-        allowed = ", ".join(FACTOR_LEVELS)
-        if not self.factors:
-            raise ValueError(f"shapes3d: factors must not be empty; allowed: {allowed}")
-        unknown = [f for f in self.factors if f not in FACTOR_LEVELS]
-        if unknown:
-            raise ValueError(f"shapes3d: unknown factor(s) {unknown}; allowed: {allowed}")
-        if len(set(self.factors)) != len(self.factors):
-            raise ValueError(f"shapes3d: factors listed twice in {self.factors}")
-        if self.max_images is not None and not 1 <= self.max_images <= N_IMAGES:
-            raise ValueError(f"shapes3d: max_images must be in 1..{N_IMAGES} or null, got {self.max_images}")
-        if self.image_size < 16:
-            raise ValueError(f"shapes3d: image_size must be >= 16, got {self.image_size}")
-        if not self.root:
-            raise ValueError("shapes3d: root must name the folder that holds 3dshapes.h5")
-        validate_correlation_options(self, list(FACTOR_LEVELS), "shapes3d")
+        self.check("shapes3d", FACTOR_LEVELS, N_IMAGES, FILE_NAME)
 
 
 def _h5py():
