@@ -4,8 +4,8 @@ write one table (mean ± std over seeds) with plots.
 A *variant* is a named set of recipe sections applied on top of a base recipe: the baselines
 swap the extractor (and use the ``identity`` graph, as published), the GEM ablations of the
 paper's Section 4.5 change GEM's own settings. Every run is an ordinary ``gem-run`` in its own
-process, so a crash in one method is recorded and the others go on; finished runs are reused
-when the command is repeated with the same output folder.
+process, so a crash in one method is recorded and the others go on; a finished run is reused when
+the command is repeated with the same output folder and that run's recipe has not changed.
 """
 
 from __future__ import annotations
@@ -188,10 +188,13 @@ def prepare_shared(base: dict, registry: Registry) -> None:
 def _run_one(record: RunRecord, recipe_path: Path, threads: int, eval_settings: dict) -> RunRecord:
     metrics_file = record.run_dir / "metrics.json"
     done_marker = record.run_dir / "compare_done.json"
+    recipe = _comparable(yaml.safe_load(recipe_path.read_text()))
     if done_marker.exists() and metrics_file.exists():
-        record.status, record.metrics = "reused", json.loads(metrics_file.read_text())
-        record.seconds = float(json.loads(done_marker.read_text()).get("seconds", 0.0))
-        return record
+        done = json.loads(done_marker.read_text())
+        if done.get("recipe") == recipe:  # the same run; a changed recipe trains again
+            record.status, record.metrics = "reused", json.loads(metrics_file.read_text())
+            record.seconds = float(done.get("seconds", 0.0))
+            return record
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
     log_path = record.run_dir.parent.parent / "logs" / f"{record.run_dir.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,8 +209,15 @@ def _run_one(record: RunRecord, recipe_path: Path, threads: int, eval_settings: 
         record.error = f"exit {proc.returncode}: {lines[-1] if lines else 'no output'} (log: {log_path})"
         return record
     record.status, record.metrics = "done", json.loads(metrics_file.read_text())
-    write_json(done_marker, {"seconds": record.seconds})
+    write_json(done_marker, {"seconds": record.seconds, "recipe": recipe})
     return record
+
+
+def _comparable(recipe: dict) -> dict:
+    """A run's recipe without what does not change its results (threads per process)."""
+    recipe = copy.deepcopy(recipe)
+    (recipe.get("training") or {}).pop("threads", None)
+    return recipe
 
 
 def _worker(recipe_path: str, run_dir: str, settings_json: str) -> int:

@@ -93,6 +93,10 @@ def test_tiny_comparison_writes_table_and_reuses_finished_runs(tiny_recipe, tmp_
     again = compare(tiny_recipe, ["beta_vae"], [0], out, jobs=1, threads=1, eval_settings=settings,
                     log=lambda line: None)
     assert again[0].status == "reused"
+    tiny_recipe["training"]["steps"] += 1  # a changed recipe is trained again, not reused
+    changed = compare(tiny_recipe, ["beta_vae"], [0], out, jobs=1, threads=1, eval_settings=settings,
+                      log=lambda line: None)
+    assert changed[0].status == "done"
 
 
 def test_failed_run_is_recorded_not_fatal(tiny_recipe, tmp_path):
