@@ -341,8 +341,8 @@ def compare(base: dict, methods: Sequence[str], seeds: Sequence[int], out: Path,
     variants = variants or VARIANTS
     eval_settings = {**COMPARE_EVAL, **(eval_settings or {})}
     registry = Registry(make_plugin_manager())
+    plan = plan_runs(base, methods, seeds, out, variants, registry)  # every error before any file is written
     out.mkdir(parents=True, exist_ok=True)
-    plan = plan_runs(base, methods, seeds, out, variants, registry)
     threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
     log(f"gem compare: {len(methods)} methods x {len(seeds)} seeds = {len(plan)} runs, "
         f"{jobs} at a time with {threads} thread(s) each, into {out}")
