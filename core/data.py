@@ -525,6 +525,19 @@ def sampling_probabilities(factors01: np.ndarray, pairs: Sequence[Sequence[Any]]
     return w / w.sum()
 
 
+def check_factor_names(factors: Sequence[str], known: Iterable[str], where: str, hint: str = "") -> None:
+    """Raise ValueError unless ``factors`` is a non-empty list of distinct names from ``known``."""
+    known = list(known)
+    allowed = ", ".join(known)
+    if not factors:
+        raise ValueError(f"{where}: factors must not be empty; allowed: {allowed}")
+    unknown = [f for f in factors if f not in known]
+    if unknown:
+        raise ValueError(f"{where}: unknown factor(s) {unknown}; allowed: {allowed}{hint}")
+    if len(set(factors)) != len(factors):
+        raise ValueError(f"{where}: factors listed twice in {list(factors)}")
+
+
 @dataclass
 class FactorDataOptions:
     """Options every labelled factor data set shares (shapes3d, dsprites): subclasses set the
@@ -559,14 +572,7 @@ class FactorDataOptions:
               unknown_hint: str = "") -> None:
         """Validate every field (raises ValueError naming ``where`` and the allowed values)."""
         self.factors = list(self.factors)
-        allowed = ", ".join(levels)
-        if not self.factors:
-            raise ValueError(f"{where}: factors must not be empty; allowed: {allowed}")
-        unknown = [f for f in self.factors if f not in levels]
-        if unknown:
-            raise ValueError(f"{where}: unknown factor(s) {unknown}; allowed: {allowed}{unknown_hint}")
-        if len(set(self.factors)) != len(self.factors):
-            raise ValueError(f"{where}: factors listed twice in {self.factors}")
+        check_factor_names(self.factors, levels, where, unknown_hint)
         if self.max_images is not None and not 1 <= self.max_images <= n_images:
             raise ValueError(f"{where}: max_images must be in 1..{n_images} or null, got {self.max_images}")
         if self.image_size < 16:

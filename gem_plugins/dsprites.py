@@ -11,7 +11,6 @@ pairs as in Träuble et al. (2021) and Roth et al. (2023).
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,9 @@ from typing import IO, Iterator
 import numpy as np
 
 from gem import hookimpl
-from gem.data import (FactorDataOptions, MissingDataError, build_array_cache, cache_file, class_scores, plan_correlation,
-                      shuffled_subset)
+from gem.data import FactorDataOptions, MissingDataError, shuffled_subset
 from gem.interfaces import BuildContext, ImageDataset
-from gem_plugins.somersd import somers_d_matrix
+from gem_plugins.factor_grid import factor_grid_dataset
 
 #: The varying factors (columns 1..5 of ``latents_classes``) and their number of classes.
 FACTOR_LEVELS: dict[str, int] = {"shape": 3, "scale": 6, "orientation": 40, "posX": 32, "posY": 32}
@@ -154,45 +152,10 @@ def build_dsprites(options: DSpritesOptions, context: BuildContext) -> ImageData
                          f"leaves 0..{all_levels[k] - 1}")
     seed = int(context.seed if options.seed is None else options.seed)
     order = shuffled_subset(shape[0], options.max_images, seed)
-    stat = path.stat()
-    cache = cache_file(context.cache_dir, "dsprites",
-                       {"file": str(path.resolve()), "bytes": stat.st_size, "mtime": int(stat.st_mtime),
-                        "image_size": options.image_size},
-                       [hashlib.sha1(order.tobytes()).hexdigest()])
-    images = build_array_cache(cache, len(order), lambda: _read_blocks(path, order, shape[0]),
-                               options.image_size, desc="preprocess dsprites")
-    all_classes = all_classes[order]
-    names = list(options.factors)
-    levels = [FACTOR_LEVELS[n] for n in names]
-    factors = all_classes[:, [all_names.index(n) for n in names]]
-    scores = class_scores(factors, levels)
-    info = {
-        "description": "DeepMind dSprites: white sprites on black, five factors on a full grid "
-                       "(colour is constant and dropped)",
-        "file": str(path),
-        "cache_file": str(cache),
-        "images": len(order),
-        "order": f"seeded random order (seed {seed})" + (f", first {options.max_images} of {shape[0]}"
-                                                          if options.max_images else ""),
-        "factor_levels": dict(zip(names, levels)),
-        "skipped_images": 0,
-    }
-    plan = plan_correlation(options, all_names, DEFAULT_PAIRS)
-    weights = None
-    if plan is not None:
-        weights = plan.probabilities(all_classes, all_levels)
-        info.update(plan.describe(all_classes, all_levels, weights))
-    return ImageDataset(
-        images=images,
-        attributes=names,
-        factors=factors,
-        factor_names=names,
-        factor_levels=levels,
-        attribute_scores=scores,
-        true_impact=somers_d_matrix(scores, weights=weights),
-        sample_weights=weights,
-        info=info,
-    )
+    return factor_grid_dataset(
+        "dsprites", path, shape[0], order, lambda: _read_blocks(path, order, shape[0]), options, all_classes,
+        FACTOR_LEVELS, DEFAULT_PAIRS, seed, context.cache_dir,
+        "DeepMind dSprites: white sprites on black, five factors on a full grid (colour is constant and dropped)")
 
 
 @hookimpl

@@ -11,18 +11,15 @@ Optional correlated sampling (Träuble et al., 2021; Roth et al., 2023) ties fac
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from gem import hookimpl
-from gem.data import (FactorDataOptions, MissingDataError, build_array_cache, cache_file, plan_correlation,
-                      shuffled_subset)
+from gem.data import FactorDataOptions, MissingDataError, shuffled_subset
 from gem.interfaces import BuildContext, ImageDataset
-from gem_plugins.somersd import somers_d_matrix
-from gem_plugins.synthetic import attribute_scores
+from gem_plugins.factor_grid import factor_grid_dataset
 
 #: The factors in the column order of ``labels``, with their number of values.
 FACTOR_LEVELS: dict[str, int] = {
@@ -152,48 +149,11 @@ def build_shapes3d(options: Shapes3DOptions, context: BuildContext) -> ImageData
     if options.max_images is not None and options.max_images > shape[0]:
         raise ValueError(f"shapes3d: max_images is {options.max_images} but {path} holds {shape[0]} images")
     seed = int(context.seed if options.seed is None else options.seed)
-    all_classes = label_classes(labels)
     order = shuffled_subset(shape[0], options.max_images, seed)
-    stat = path.stat()
-    cache = cache_file(context.cache_dir, "shapes3d",
-                       {"file": str(path.resolve()), "bytes": stat.st_size, "mtime": int(stat.st_mtime),
-                        "image_size": options.image_size},
-                       [hashlib.sha1(order.tobytes()).hexdigest()])
-    images = build_array_cache(cache, len(order), lambda: _read_blocks(path, order), options.image_size,
-                               desc="preprocess shapes3d")
-    all_classes = all_classes[order]
-    names = list(options.factors)
-    columns = [list(FACTOR_LEVELS).index(name) for name in names]
-    factors = all_classes[:, columns]
-    scores = attribute_scores(factors, names)
-    levels = [FACTOR_LEVELS[name] for name in names]
-    info = {
-        "description": "DeepMind 3dshapes: an object in a room, six factors on a full grid",
-        "file": str(path),
-        "cache_file": str(cache),
-        "images": len(order),
-        "order": f"seeded random order (seed {seed})" + (f", first {options.max_images} of {shape[0]}"
-                                                          if options.max_images else ""),
-        "factor_levels": {name: FACTOR_LEVELS[name] for name in names},
-        "skipped_images": 0,
-    }
-    plan = plan_correlation(options, list(FACTOR_LEVELS), DEFAULT_PAIRS)
-    weights = None
-    if plan is not None:
-        weights = plan.probabilities(all_classes, list(FACTOR_LEVELS.values()))
-        info.update(plan.describe(all_classes, list(FACTOR_LEVELS.values()), weights))
-    return ImageDataset(
-        images=images,
-        attributes=names,
-        factors=factors,
-        factor_names=names,
-        factor_levels=levels,
-        attribute_scores=scores,
-        # The relations of the distribution the model trains on (weighted when correlated).
-        true_impact=somers_d_matrix(scores, weights=weights),
-        sample_weights=weights,
-        info=info,
-    )
+    return factor_grid_dataset(
+        "shapes3d", path, shape[0], order, lambda: _read_blocks(path, order), options, label_classes(labels),
+        FACTOR_LEVELS, DEFAULT_PAIRS, seed, context.cache_dir,
+        "DeepMind 3dshapes: an object in a room, six factors on a full grid")
 
 
 @hookimpl

@@ -21,6 +21,7 @@ from scipy.special import ndtr
 from tqdm.auto import tqdm
 
 from gem import hookimpl
+from gem.data import check_factor_names
 from gem.interfaces import BuildContext, ImageDataset
 from gem_plugins.somersd import somers_d_matrix
 
@@ -107,14 +108,7 @@ def _validate(options: SyntheticOptions) -> None:
         raise ValueError(f"synthetic: n_images must be >= 1, got {options.n_images}")
     if int(options.image_size) < 16:
         raise ValueError(f"synthetic: image_size must be >= 16, got {options.image_size}")
-    allowed = ", ".join(FACTOR_LEVELS)
-    if not options.factors:
-        raise ValueError(f"synthetic: factors must not be empty; allowed: {allowed}")
-    unknown = [name for name in options.factors if name not in FACTOR_LEVELS]
-    if unknown:
-        raise ValueError(f"synthetic: unknown factor(s) {unknown}; allowed factors: {allowed}")
-    if len(set(options.factors)) != len(options.factors):
-        raise ValueError(f"synthetic: factors listed twice in {options.factors}")
+    check_factor_names(options.factors, FACTOR_LEVELS, "synthetic")
     seen: set[tuple[str, str]] = set()
     for edge in options.correlations:
         if len(edge) != 3 or not all(isinstance(name, str) for name in edge[:2]):
