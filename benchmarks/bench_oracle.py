@@ -12,7 +12,7 @@ import numpy as np
 
 from common import Figure, Row
 from gem.interfaces import BuildContext, ImageDataset
-from gem.pipeline import score_images
+from gem.scoring import score_images
 from gem.plugins import Registry, make_plugin_manager
 from gem.recipe import ScoringOptions
 
@@ -25,7 +25,7 @@ TARGET_S = 60.0
 
 
 def score_against_fake(n_images: int, prompt_mode: str) -> dict[str, Any]:
-    """Score n random 64x64 images through ``gem.pipeline.score_images`` (no score cache)."""
+    """Score n random 64x64 images through ``gem.scoring.score_images`` (no score cache)."""
     images = np.random.default_rng(0).integers(0, 256, size=(n_images, 64, 64, 3), dtype=np.uint8)
     dataset = ImageDataset(images=images, attributes=list(ATTRIBUTES))
     registry = Registry(make_plugin_manager())

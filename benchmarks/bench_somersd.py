@@ -8,7 +8,7 @@ import numpy as np
 from scipy import stats
 
 from common import Figure, Row, best_time, ratio
-from gem_plugins.somersd import somers_d_matrix
+from gem.somers_d import somers_d_matrix
 
 
 def bench_somersd(quick: bool) -> Row:

@@ -1,4 +1,4 @@
-"""Bind unnamed latent dimensions to attributes (DESIGN.md section 3, step 5).
+"""Bind unnamed latent dimensions to attributes.
 
 Latent k is bound to attribute i by maximising the total |Spearman rho| between latent means
 and oracle scores over the scored images (Hungarian matching), so node i of the relation graph
@@ -14,10 +14,10 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import rankdata
 
-__all__ = ["Binding", "bind_latents", "spearman_matrix", "match_abs"]
+__all__ = ["Binding", "bind_latents", "spearman_matrix", "match_abs", "to_numpy"]
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
     """A float64 numpy copy of a numpy array or a torch tensor (any device)."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
@@ -69,7 +69,7 @@ def spearman_matrix(x: Any, y: Any) -> np.ndarray:
         over the rows where both ``x[:, i]`` and ``y[:, k]`` are present (pairwise deletion).
         A constant column, or fewer than 2 complete rows, gives 0 instead of nan.
     """
-    x, y = _to_numpy(x), _to_numpy(y)
+    x, y = to_numpy(x), to_numpy(y)
     if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
         raise ValueError(f"x and y must be 2-D with the same number of rows; got {x.shape} and {y.shape}")
     rho = np.zeros((x.shape[1], y.shape[1]))
@@ -107,35 +107,6 @@ class Binding:
     sign: np.ndarray
     rho: np.ndarray
 
-    @property
-    def matched_rho(self) -> np.ndarray:
-        """(n,) Spearman's rho of each attribute with its bound latent."""
-        return self.rho[np.arange(len(self.latent_of)), self.latent_of]
-
-    @property
-    def attribute_of(self) -> np.ndarray:
-        """(d,) the attribute bound to each latent dimension, -1 for an unbound one."""
-        out = np.full(self.rho.shape[1], -1, dtype=np.intp)
-        out[self.latent_of] = np.arange(len(self.latent_of))
-        return out
-
-    def select(self, z: Any, signed: bool = False) -> Any:
-        """Latent codes in attribute order: ``out[..., i] = z[..., latent_of[i]]``.
-
-        Works on numpy arrays and torch tensors (..., d) -> (..., n). With ``signed`` each
-        column is multiplied by its sign, so larger values mean a stronger attribute.
-        """
-        index = self.latent_of
-        if hasattr(z, "detach"):  # torch tensor: index and scale on its own device
-            import torch
-
-            out = z[..., torch.as_tensor(index, device=z.device)]
-            if signed:
-                out = out * torch.as_tensor(self.sign, dtype=out.dtype, device=out.device)
-            return out
-        out = np.asarray(z)[..., index]
-        return out * self.sign if signed else out
-
 
 def bind_latents(latent_means: Any, scores: Any) -> Binding:
     """Bind each attribute to one latent dimension by Hungarian matching on |Spearman rho|.
@@ -152,7 +123,7 @@ def bind_latents(latent_means: Any, scores: Any) -> Binding:
     Binding
         Maximises the total |rho| over the n bound pairs; requires ``d >= n``.
     """
-    latents, scores = _to_numpy(latent_means), _to_numpy(scores)
+    latents, scores = to_numpy(latent_means), to_numpy(scores)
     if latents.ndim != 2 or scores.ndim != 2:
         raise ValueError(f"latent_means and scores must be 2-D; got {latents.shape} and {scores.shape}")
     d, n = latents.shape[1], scores.shape[1]

@@ -9,11 +9,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from gem import __version__
-from gem.plugins import STAGES, PluginError, Registry, describe_plugins, make_plugin_manager
+from gem.cli_errors import guard
+from gem.plugins import STAGES, Registry, describe_plugins, make_plugin_manager
 from gem.recipe import DEFAULT_RECIPE, RecipeError, apply_overrides, load_recipe_file, validate_recipe
-
-#: Errors a user can fix from the message alone: shown without a traceback unless --debug.
-USER_ERRORS = (RecipeError, PluginError, FileNotFoundError, ValueError, ImportError)
 
 
 def _run_parser(prog: str = "gem-run") -> argparse.ArgumentParser:
@@ -67,7 +65,7 @@ def _launch(args: argparse.Namespace, run_dir: Path) -> int:
 
 def run_main(argv: Optional[Sequence[str]] = None, prog: str = "gem-run") -> int:
     args = _run_parser(prog).parse_args(argv)
-    return _guard(lambda: _run(args), args.debug, prog)
+    return guard(lambda: _run(args), args.debug, prog)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -94,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     if _world_size() > 1:  # launched by accelerate/torchrun: agree on one run folder
         from accelerate.utils import broadcast_object_list
 
-        from gem.training import make_accelerator
+        from gem.context import make_accelerator
 
         accelerator = make_accelerator(recipe.training)
         folder = [str(args.resume or make_run_dir(recipe, args.out)) if accelerator.is_main_process else None]
@@ -161,21 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return oracle_main(argv[1:])
     args = parser.parse_args(argv)
-    return _guard(lambda: _plugins(args), args.debug, "gem")
-
-
-def _guard(action, debug: bool, prog: str) -> int:
-    try:
-        return action()
-    except KeyboardInterrupt as exc:
-        print(f"{prog}: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
-        return 130
-    except USER_ERRORS as exc:
-        if debug:
-            raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        print(f"{prog}: run again with --debug for the traceback", file=sys.stderr)
-        return 2
+    return guard(lambda: _plugins(args), args.debug, "gem")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,7 +26,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import yaml
 
-from gem.io import atomic_save_figure, atomic_write_text, write_json
+from gem.cli_errors import guard
+from gem.figures import plot_comparison
+from gem.io import atomic_write_text, write_json
 from gem.plugins import PluginError, Registry, make_plugin_manager
 from gem.recipe import DEFAULT_RECIPE, RecipeError, apply_overrides, load_recipe_file, validate_recipe
 
@@ -199,7 +201,6 @@ def plan_runs(base: dict, methods: Sequence[str], seeds: Sequence[int], out: Pat
             data = variants[method].recipe(base)
             _drop_shared_keys_the_plugin_lacks(data, variants[method], registry)
             data.update(seed=int(seed), name=f"{method}-s{seed}", out=str(out / "runs"))
-            data.setdefault("evaluation", {})["full_metrics"] = False
             try:
                 validate_recipe(data, registry)
             except RecipeError as exc:
@@ -210,25 +211,14 @@ def plan_runs(base: dict, methods: Sequence[str], seeds: Sequence[int], out: Pat
 
 def prepare_shared(base: dict, registry: Registry) -> None:
     """Make the data set cache and the oracle scores once, before runs start in parallel."""
-    from accelerate import Accelerator
-
-    from gem.interfaces import BuildContext
-    from gem.pipeline import load_dataset, score_with_cache
-    from gem.runs import split_indices
+    from gem.context import RunContext
+    from gem.scoring import score_with_cache
 
     recipe = validate_recipe(base, registry)
-    acc = Accelerator(cpu=True)
-    context = BuildContext(seed=recipe.seed, run_dir=Path(recipe.out), cache_dir=Path(recipe.cache_dir), accelerator=acc)
-    context.cache_dir.mkdir(parents=True, exist_ok=True)
-
-    def build(stage: str) -> Any:
-        return registry.get(stage, recipe.plugin_name(stage)).build(recipe.plugin_options[stage], context)
-
-    dataset = load_dataset(build, recipe, acc)
-    context.dataset, context.attributes = dataset, list(dataset.attributes)
+    context = RunContext.open(recipe, registry, Path(recipe.out))
+    dataset = context.load_dataset()
     if recipe.scoring.cache:
-        _, _, scored = split_indices(recipe, dataset)
-        score_with_cache(build("oracle"), dataset, scored, recipe, show_progress=True)
+        score_with_cache(context.build("oracle"), dataset, context.split(dataset).scored, recipe, show_progress=True)
 
 
 def _run_one(record: RunRecord, recipe_path: Path, threads: int, eval_settings: dict) -> RunRecord:
@@ -267,10 +257,10 @@ def _comparable(recipe: dict) -> dict:
 
 
 def _worker(recipe_path: str, run_dir: str, settings_json: str) -> int:
-    """One run in its own process: ``gem-run`` then the compare evaluation."""
+    """One run in its own process: ``gem-run`` with the compare evaluation at its end."""
     import torch
 
-    from gem.eval_command import evaluate_run
+    from gem.evaluation import EvalSettings
     from gem.pipeline import run_recipe
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
@@ -280,8 +270,9 @@ def _worker(recipe_path: str, run_dir: str, settings_json: str) -> int:
     recipe = validate_recipe(load_recipe_file(recipe_path), registry)
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_recipe(recipe, registry, out)
-    evaluate_run(out, registry=registry, log=print, **json.loads(settings_json))
+    settings = json.loads(settings_json)
+    metrics = settings.pop("metrics", None)
+    run_recipe(recipe, registry, out, eval_metrics=metrics, eval_settings=EvalSettings(**settings))
     return 0
 
 
@@ -323,32 +314,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_comparison(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Bar charts with ±std error bars, one panel per column, one bar per method."""
-    from gem.report import _new_figure
-
-    labels = [label for label, *_ in COLUMNS]
-    ncols = 4
-    nrows = math.ceil(len(labels) / ncols)
-    fig = _new_figure(4 * ncols, (0.6 + 0.17 * len(rows)) * nrows + 0.4)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    methods = [r["method"] for r in rows]
-    y = np.arange(len(methods))
-    for ax, (label, _, better, _) in zip(axes, COLUMNS):
-        means = [r[label]["mean"] if r[label]["mean"] is not None else np.nan for r in rows]
-        stds = [r[label]["std"] or 0.0 for r in rows]
-        colours = ["tab:orange" if m.startswith("gem") else "tab:blue" for m in methods]
-        ax.barh(y, np.nan_to_num(means), xerr=stds, color=colours, alpha=0.85)
-        ax.set_yticks(y, methods if ax in axes[::ncols] else [""] * len(methods), fontsize=7)
-        ax.invert_yaxis()
-        ax.set_title(f"{label} ({'higher' if better > 0 else 'lower'} is better)", fontsize=8)
-        ax.tick_params(axis="x", labelsize=7)
-    for ax in axes[len(labels):]:
-        ax.set_visible(False)
-    fig.suptitle("gem compare: mean ± std over seeds (orange: GEM and its ablations)", fontsize=9)
-    return atomic_save_figure(fig, path)
-
-
 def write_outputs(out: Path, records: Sequence[RunRecord], methods: Sequence[str], variants: dict[str, Variant],
                   settings: dict[str, Any]) -> tuple[Path, str]:
     """table.md, table.csv, results.json, figures/comparison.png and report.md in ``out``."""
@@ -367,7 +332,7 @@ def write_outputs(out: Path, records: Sequence[RunRecord], methods: Sequence[str
         "settings": settings, "rows": rows,
         "runs": [{"method": r.variant, "seed": r.seed, "run_dir": str(r.run_dir), "status": r.status,
                   "seconds": r.seconds, "error": r.error} for r in records]})
-    figure = plot_comparison(rows, out / "figures" / "comparison.png")
+    figure = plot_comparison(rows, COLUMNS, out / "figures" / "comparison.png")
     described = "\n".join(f"- **{m}**: {variants[m].description}" for m in methods)
     failures = "\n".join(f"- {r.variant} seed {r.seed}: {r.error}" for r in records if r.status == "failed")
     report = (f"# gem compare\n\nBase recipe: `{settings.get('recipe') or 'built-in synthetic default'}`; "
@@ -471,8 +436,6 @@ def parse_variant(spec: Sequence[str]) -> tuple[str, Variant]:
 
 
 def compare_main(argv: Optional[Sequence[str]] = None) -> int:
-    from gem.cli import _guard
-
     args = _parser().parse_args(argv)
 
     def action() -> int:
@@ -502,7 +465,7 @@ def compare_main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         return 0
 
-    return _guard(action, args.debug, "gem compare")
+    return guard(action, args.debug, "gem compare")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from gem.io import to_jsonable, write_json
+from gem.recipe import check_ranges
+from gem.labels import label_scale
 
 __all__ = [
     "CACHE_VERSION",
@@ -48,13 +50,14 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "CachedImages",
     "CorrelationPlan",
+    "FactorDataOptions",
+    "ImageDataOptions",
     "MissingDataError",
     "build_array_cache",
     "build_image_cache",
     "cache_file",
     "cache_info",
     "center_square_box",
-    "class_scores",
     "correlated_weights",
     "crop_resize",
     "find_images",
@@ -189,17 +192,6 @@ def shuffled_subset(total: int, max_images: Optional[int], seed: int) -> np.ndar
     sorted by factors; the pipeline scores the first images and evaluates on the last ones."""
     order = np.random.default_rng(seed).permutation(int(total))
     return order[:max_images] if max_images is not None else order
-
-
-def class_scores(classes: np.ndarray, levels: Sequence[int]) -> np.ndarray:
-    """Oracle-scale scores of factor classes: ``round(class / (levels - 1) * 5)``, int (N, K) 0..5.
-
-    The same rule as ``gem_plugins.synthetic.attribute_scores``, for factors the synthetic
-    renderer does not know (a one-level factor scores 0).
-    """
-    levels_arr = np.asarray(levels, dtype=np.float64)
-    denom = np.maximum(levels_arr - 1, 1)
-    return np.floor(np.asarray(classes) / denom * 5 + 0.5).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,17 +531,48 @@ def check_factor_names(factors: Sequence[str], known: Iterable[str], where: str,
 
 
 @dataclass
-class FactorDataOptions:
+class ImageDataOptions:
+    """Options every image data set read from disk shares (celeba, lsun, image_folder, shapes3d,
+    dsprites): subclasses set the default of ``root``, add their own fields, and call
+    :meth:`check_sizes` and :meth:`check_root` from ``__post_init__``.
+
+    Attributes
+    ----------
+    root : where the images are (a folder, or a data file).
+    max_images : use at most this many images (None: all).
+    image_size : side length of the square images.
+    """
+
+    root: str = ""
+    max_images: Optional[int] = None
+    image_size: int = 64
+
+    def check_sizes(self, where: str, n_images: Optional[int] = None, **bounds: Any) -> None:
+        """Range checks (:func:`gem.recipe.check_ranges`, messages starting with ``where``) of
+        ``max_images`` (at least 1, and at most ``n_images`` when the data set's size is known),
+        ``image_size`` (at least 16) and then of ``bounds``, more fields of the subclass with a lower
+        bound or a closed interval ``(low, high)``."""
+        check_ranges(self, where=where, bounds={"max_images": 1 if n_images is None else (1, n_images),
+                                                "image_size": 16, **bounds})
+
+    def check_root(self, where: str, names: str) -> None:
+        """Raise ValueError ``"<where>: root must name <names>"`` when ``root`` is empty."""
+        if not self.root:
+            raise ValueError(f"{where}: root must name {names}")
+
+
+@dataclass
+class FactorDataOptions(ImageDataOptions):
     """Options every labelled factor data set shares (shapes3d, dsprites): subclasses set the
     defaults of ``root`` and ``factors`` and call :meth:`check` from ``__post_init__``.
 
     Attributes
     ----------
     root : folder holding the data file (or the path of the file itself).
-    factors : the factors GEM models, one attribute each.
     max_images : use a seeded random subset of this many images (None: all). The images are
         always put in a seeded random order; the subset is its first max_images.
     image_size : side length; the 64x64 originals are resized when it differs.
+    factors : the factors GEM models, one attribute each.
     seed : seed of the order/subset; None uses the recipe seed.
     correlation : correlated-sampling preset: weak (sigma 0.4), medium (0.1), strong (0.04),
         or confounder (one factor tied to all others); None samples uniformly.
@@ -558,10 +581,7 @@ class FactorDataOptions:
     confounder : the factor tied to all others with ``correlation: confounder``.
     """
 
-    root: str = ""
     factors: list[str] = field(default_factory=list)
-    max_images: Optional[int] = None
-    image_size: int = 64
     seed: Optional[int] = None
     correlation: Optional[Literal["weak", "medium", "strong", "confounder"]] = None
     correlated_pairs: list[list] = field(default_factory=list)
@@ -573,12 +593,8 @@ class FactorDataOptions:
         """Validate every field (raises ValueError naming ``where`` and the allowed values)."""
         self.factors = list(self.factors)
         check_factor_names(self.factors, levels, where, unknown_hint)
-        if self.max_images is not None and not 1 <= self.max_images <= n_images:
-            raise ValueError(f"{where}: max_images must be in 1..{n_images} or null, got {self.max_images}")
-        if self.image_size < 16:
-            raise ValueError(f"{where}: image_size must be >= 16, got {self.image_size}")
-        if not self.root:
-            raise ValueError(f"{where}: root must name the folder that holds {file_name}")
+        self.check_sizes(where, n_images)
+        self.check_root(where, f"the folder that holds {file_name}")
         validate_correlation_options(self, list(levels), where)
 
 
@@ -659,9 +675,8 @@ class CorrelationPlan:
 
 
 def scale_classes(classes: np.ndarray, levels: Sequence[int]) -> np.ndarray:
-    """Factor classes (N, K) scaled to [0, 1]: ``class / (levels - 1)`` (0 for one-level factors)."""
-    denom = np.maximum(np.asarray(levels, dtype=np.float64) - 1, 1)
-    return np.asarray(classes, dtype=np.float64) / denom
+    """Factor classes (N, K) scaled to [0, 1]: ``class / label_scale(levels)`` (0 for one-level factors)."""
+    return np.asarray(classes, dtype=np.float64) / label_scale(levels)
 
 
 def _weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:

@@ -48,8 +48,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from gem.metrics import spearman_mcc
+
 __all__ = [
-    "METRICS", "split_pool", "histogram_discretize", "discrete_mutual_info", "discrete_entropy",
+    "METRICS", "resolve_metrics", "split_pool", "histogram_discretize", "discrete_mutual_info", "discrete_entropy",
     "mig_from_mutual_info", "dci_from_importance", "modularity_from_mutual_info",
     "mig", "dci", "sap", "modularity", "explicitness", "spearman_mcc_score",
     "factorvae_score", "betavae_score", "compute_disentanglement",
@@ -443,8 +445,6 @@ def spearman_mcc_score(codes: Any, factors: Any, *, n_train: int = 10000, n_test
                        seed: int = 0) -> dict[str, float]:
     """Mean |Spearman rho| of Hungarian-matched factor/code pairs (:func:`gem.metrics.spearman_mcc`)
     on the training rows of :func:`split_pool`. Returns ``{"spearman_mcc": float}``."""
-    from gem.metrics import spearman_mcc
-
     codes, factors = _check(codes, factors)
     z, y, _, _ = _split(codes, factors, n_train, n_test, seed)
     return {"spearman_mcc": spearman_mcc(z, y)["mcc"]}
@@ -569,7 +569,8 @@ METRICS: dict[str, tuple[Callable[..., dict], tuple[str, ...]]] = {
 }
 
 
-def _resolve(metrics: Optional[Iterable[str]]) -> list[str]:
+def resolve_metrics(metrics: Optional[Iterable[str]]) -> list[str]:
+    """Metric names of :data:`METRICS` for names or result keys (None = all), in table order."""
     if metrics is None:
         return list(METRICS)
     if isinstance(metrics, str):
@@ -626,7 +627,7 @@ def compute_disentanglement(codes: Any, factors: Any, seed: int = 0, n_train: in
         "factorvae": dict(batch_size=batch_size),
         "betavae": dict(batch_size=batch_size),
     }
-    names = _resolve(metrics)
+    names = resolve_metrics(metrics)
     if len(codes) < n_train + n_test and any(n in names for n in ("mig", "dci", "sap", "modularity",
                                                                     "explicitness", "spearman_mcc")):
         split_pool(len(codes), n_train, n_test, seed)   # warn once here ...

@@ -52,7 +52,7 @@ from torch import nn
 
 __all__ = [
     "INSTALL_HINT", "FeatureExtractor", "as_image_tensor", "ssim", "load_feature_extractor",
-    "extract_features", "fid_from_features", "kid_from_features", "fid", "kid", "fidelity_metrics",
+    "extract_features", "fid_from_features", "kid_from_features", "fid", "kid",
 ]
 
 FeatureSpec = Union[None, str, os.PathLike, nn.Module, Callable[[torch.Tensor], torch.Tensor]]
@@ -126,7 +126,8 @@ def ssim(x: Any, y: Any, *, data_range: float = 1.0, channels_last: Optional[boo
     if tuple(np.shape(x)) != tuple(np.shape(y)):
         raise ValueError(f"ssim needs paired images of the same shape; got {tuple(np.shape(x))} and {tuple(np.shape(y))}")
     dev = _device(device)
-    metric = StructuralSimilarityIndexMeasure(data_range=data_range, **kwargs).to(dev)
+    # Evaluation runs on one process; a metric that synchronised would wait for the others.
+    metric = StructuralSimilarityIndexMeasure(data_range=data_range, sync_on_compute=False, **kwargs).to(dev)
     for bx, by in zip(_batches(x, batch_size, channels_last), _batches(y, batch_size, channels_last)):
         dtype = torch.promote_types(bx.dtype, by.dtype)
         metric.update(bx.to(dev, dtype), by.to(dev, dtype))
@@ -324,7 +325,7 @@ def fid_from_features(real_features: Any, fake_features: Any, chunk: int = 4096)
     real, fake = _as_features(real_features, "real"), _as_features(fake_features, "fake")
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sizes differ: {real.shape[1]} and {fake.shape[1]}")
-    metric = FrechetInceptionDistance(feature=_Identity(real.shape[1]))
+    metric = FrechetInceptionDistance(feature=_Identity(real.shape[1]), sync_on_compute=False)
     for start in range(0, len(real), chunk):
         metric.update(real[start:start + chunk], real=True)
     for start in range(0, len(fake), chunk):
@@ -349,6 +350,7 @@ def kid_from_features(real_features: Any, fake_features: Any, *, subsets: int = 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         metric = KernelInceptionDistance(feature=_Identity(real.shape[1]), subsets=int(subsets), subset_size=size,
+                                         sync_on_compute=False,
                                          degree=int(degree), gamma=None if gamma is None else float(gamma),
                                          coef=float(coef))
     metric.update(real, real=True)
@@ -382,40 +384,3 @@ def kid(real: Any, fake: Any, *, feature_extractor: FeatureSpec = None, subsets:
     options = dict(batch_size=batch_size, device=device, channels_last=channels_last)
     return kid_from_features(extract_features(real, net, **options), extract_features(fake, net, **options),
                              subsets=subsets, subset_size=subset_size, degree=degree, gamma=gamma, coef=coef, seed=seed)
-
-
-def fidelity_metrics(real: Any, fake: Any, *, feature_extractor: FeatureSpec = None, paired: Optional[bool] = None,
-                     data_range: float = 1.0, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
-                     batch_size: int = 64, device: Any = None, channels_last: Optional[bool] = None,
-                     weights_only: bool = True, inception_weights: Optional[str] = None) -> dict[str, float]:
-    """Every fidelity metric of two image arrays in one pass of the feature extractor.
-
-    Parameters
-    ----------
-    real, fake : image arrays or tensors (see the module notes)
-    paired : whether fake[i] reconstructs real[i]; None = when the shapes are equal. Paired
-        sets also get ``mse``, ``psnr`` (over the whole set, as :func:`gem.metrics.psnr`) and ``ssim``.
-
-    Returns
-    -------
-    dict of floats: ``fid``, ``kid_mean``, ``kid_std``, ``kid_subset_size`` and, when paired,
-    ``mse``, ``psnr``, ``ssim``.
-    """
-    out: dict[str, float] = {}
-    if paired is None:
-        paired = tuple(np.shape(real)) == tuple(np.shape(fake))
-    if paired:
-        sq, count = 0.0, 0
-        for bx, by in zip(_batches(real, batch_size, channels_last), _batches(fake, batch_size, channels_last)):
-            sq += float(((bx.double() - by.double()) ** 2).sum())
-            count += bx.numel()
-        out["mse"] = sq / max(count, 1)
-        out["psnr"] = float("inf") if out["mse"] == 0 else float(10 * np.log10(data_range ** 2 / out["mse"]))
-        out["ssim"] = ssim(real, fake, data_range=data_range, channels_last=channels_last,
-                           batch_size=batch_size, device=device)
-    net = load_feature_extractor(feature_extractor, weights_only=weights_only, inception_weights=inception_weights)
-    options = dict(batch_size=batch_size, device=device, channels_last=channels_last)
-    real_f, fake_f = extract_features(real, net, **options), extract_features(fake, net, **options)
-    out["fid"] = fid_from_features(real_f, fake_f)
-    out.update(kid_from_features(real_f, fake_f, subsets=subsets, subset_size=subset_size, seed=seed))
-    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -137,8 +137,18 @@ class GraphLearner(nn.Module, abc.ABC):
         """Called after each optimiser step (e.g. to move the anchor)."""
 
 
-#: Maps a batch of latent codes z (B, n) to the decoder input z_rel (B, n).
-Relate = Callable[[torch.Tensor], torch.Tensor]
+class Relation(Protocol):
+    """The relation path an extractor's decoder reads through: latent codes z (B, n) in, decoder
+    input z_rel = Aᵀz (B, n) out, differentiable in A. :class:`gem.relations.RelationModel` is
+    the one gem passes to :meth:`Extractor.training_step`; a test may pass any callable with
+    ``is_bound``."""
+
+    @property
+    def is_bound(self) -> bool:
+        """False during the warm-up, before latents are bound to attributes; z_rel == z then."""
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """Map codes z (B, n) to the decoder input z_rel = Aᵀz (B, n)."""
 
 
 class Extractor(nn.Module, abc.ABC):
@@ -161,14 +171,15 @@ class Extractor(nn.Module, abc.ABC):
         """Create the optimisers this extractor steps (the loop passes them to accelerate)."""
 
     @abc.abstractmethod
-    def training_step(self, x: torch.Tensor, relate: Relate, accelerator: Any,
-                      optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
+    def training_step(self, x: torch.Tensor, relation: Relation, accelerator: Any,
+                      optimizers: dict[str, torch.optim.Optimizer], **extra: Any) -> dict[str, float]:
         """One optimisation step on a float batch x in [0, 1] (B, 3, H, W); returns loss terms.
 
-        Gradients that reach the relation graph through ``relate`` are left in place for the
-        graph learner's optimiser; the extractor must not zero them. ``relate.is_bound`` is
-        False during the warm-up, when z_rel == z. Extractors that set :attr:`auxiliary` also
-        receive ``u=``, the auxiliary variable of the same images.
+        The decoder reads ``relation(z)``. Gradients that reach the relation graph through it are
+        left in place for the graph learner's optimiser; the extractor must not zero them.
+        ``relation.is_bound`` is False during the warm-up, when z_rel == z. ``extra`` holds what
+        the extractor asked for: extractors that set :attr:`auxiliary` receive ``u=``, the
+        auxiliary variable of the same images.
         """
 
     @abc.abstractmethod
@@ -183,17 +194,3 @@ class Extractor(nn.Module, abc.ABC):
         """Other ways to turn codes into images besides :meth:`decode`, by name (e.g. a diffusion
         sampler); the run writes a relation-aware traversal figure for each. None by default."""
         return {}
-
-    @torch.no_grad()
-    def traverse(self, z: torch.Tensor, dim: int, values: torch.Tensor,
-                 relate: Optional[Relate] = None) -> torch.Tensor:
-        """Decode copies of one code z (latent_dim,) with dimension ``dim`` set to each value.
-
-        With ``relate`` the varied code passes through the relation graph first, so changing
-        one attribute moves the attributes it influences (the paper's relation-aware traversal).
-        """
-        codes = z.unsqueeze(0).repeat(len(values), 1)
-        codes[:, dim] = values
-        if relate is not None:
-            codes = relate(codes)
-        return self.decode(codes)

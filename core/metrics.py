@@ -1,4 +1,4 @@
-"""Evaluation metrics on plain arrays (DESIGN.md section 4): reconstruction, relation recovery, oracle quality."""
+"""Evaluation metrics on plain arrays: relation recovery, Spearman MCC and oracle quality."""
 
 from __future__ import annotations
 
@@ -7,40 +7,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from gem.binding import _to_numpy, match_abs, spearman_matrix
+from gem.binding import match_abs, spearman_matrix, to_numpy
 
-__all__ = ["mse", "psnr", "relation_error", "relation_error_bootstrap", "spearman_mcc", "oracle_quality"]
-
-
-def mse(x: Any, y: Any) -> float:
-    """Mean squared error over all elements.
-
-    Parameters
-    ----------
-    x, y : arrays or torch tensors of the same shape
-
-    Returns
-    -------
-    float
-    """
-    if hasattr(x, "detach") and hasattr(y, "detach"):
-        return float(((x.detach().double() - y.detach().double()) ** 2).mean().item())
-    x, y = _to_numpy(x), _to_numpy(y)
-    if x.shape != y.shape:
-        raise ValueError(f"shapes differ: {x.shape} and {y.shape}")
-    return float(np.mean((x - y) ** 2))
-
-
-def psnr(x: Any, y: Any, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB, ``10 * log10(data_range**2 / mse(x, y))``.
-
-    The MSE is the mean over the whole set (all images and pixels), not an average of
-    per-image PSNRs. Images in [0, 1] use ``data_range=1``; identical inputs give inf.
-    """
-    error = mse(x, y)
-    if error == 0.0:
-        return math.inf
-    return 10.0 * math.log10(data_range ** 2 / error)
+__all__ = ["relation_error", "relation_error_bootstrap", "spearman_mcc", "oracle_quality"]
 
 
 def relation_error(learned: Any, true: Any, sign_threshold: float = 0.05) -> dict:
@@ -59,7 +28,7 @@ def relation_error(learned: Any, true: Any, sign_threshold: float = 0.05) -> dic
         ``sign_agreement``: fraction of the counted edges where the signs agree (nan if none);
         ``n_edges``: number of off-diagonal edges; ``n_sign_edges``: edges counted for the sign.
     """
-    learned, true = _to_numpy(learned), _to_numpy(true)
+    learned, true = to_numpy(learned), to_numpy(true)
     if learned.shape != true.shape or learned.ndim != 2 or learned.shape[0] != learned.shape[1]:
         raise ValueError(f"need two square matrices of the same shape; got {learned.shape} and {true.shape}")
     off = ~np.eye(len(true), dtype=bool)
@@ -115,7 +84,7 @@ def relation_error_bootstrap(scores: Any, true: Any, impact_fn: Callable[[np.nda
     ----------
     scores : array (N, n)
         Oracle scores, one row per scored image (whatever ``impact_fn`` accepts, e.g. complete
-        integer rows for ``gem_plugins.somersd.somers_d_matrix``).
+        integer rows for ``gem.somers_d.somers_d_matrix``).
     true : array (n, n)
         Ground-truth impact matrix.
     impact_fn : callable (N, n) array -> (n, n) array
@@ -140,17 +109,17 @@ def relation_error_bootstrap(scores: Any, true: Any, impact_fn: Callable[[np.nda
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1; got {n_boot}")
     scores = np.asarray(scores)
-    true = _to_numpy(true)
+    true = to_numpy(true)
     if scores.ndim != 2 or len(scores) < 1:
         raise ValueError(f"scores must be a non-empty (N, n) array; got shape {scores.shape}")
-    impact = _to_numpy(impact_fn(scores))
+    impact = to_numpy(impact_fn(scores))
     point = relation_error(impact, true, sign_threshold)
     rng = np.random.default_rng(seed)
     off = ~np.eye(len(true), dtype=bool)
     strong = off & (np.abs(true) > sign_threshold)
     boot = np.empty((n_boot,) + impact.shape)
     for b in range(n_boot):
-        boot[b] = _to_numpy(impact_fn(scores[rng.integers(0, len(scores), len(scores))]))
+        boot[b] = to_numpy(impact_fn(scores[rng.integers(0, len(scores), len(scores))]))
     errors = np.abs(boot - true)
     errors[:, ~off] = 0.0
     maes = errors[:, off].mean(axis=1) if off.any() else np.full(n_boot, math.nan)
@@ -208,7 +177,7 @@ def oracle_quality(scores: Any, labels: Any, attributes: Optional[Sequence[str]]
         answers of the paper; ``all_missing_rate``: images without any score;
         ``binary``: {attribute: bool}; ``n_images``: N.
     """
-    scores = _to_numpy(scores)
+    scores = to_numpy(scores)
     labels = np.asarray(labels)
     if scores.ndim != 2 or scores.shape != labels.shape:
         raise ValueError(f"scores and labels must be (N, n) arrays of the same shape; got {scores.shape} and {labels.shape}")

@@ -2,44 +2,35 @@
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import io
-import json
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
-from gem import evaluation, report
-from gem.eval_command import END_OF_RUN, evaluate_run
-from gem.run_report import run_summary, write_run_report
-from gem.runs import read_scores, split_indices
+from gem import evaluation, figures
 from gem.binding import bind_latents
-from gem.interfaces import BuildContext, ImageDataset, Ranking, RelationOracle
+from gem.context import RunContext, Split, timestamped_folder
+from gem.evaluation import END_OF_RUN, QUICK_METRICS, EvalSettings
+from gem.interfaces import ImageDataset, Ranking
 from gem.io import atomic_write_bytes, atomic_write_text, write_json
+from gem.labels import auxiliary_variable
 from gem.plugins import Registry
 from gem.recipe import Recipe, RecipeError, apply_overrides, load_recipe_file, validate_recipe
 from gem.relations import RelationModel
-from gem.score_cache import ScoreCache, image_hash
-from gem.training import (CheckpointError, Interrupted, Trainer, auxiliary_variable, encode_images, load_checkpoint,
-                          make_accelerator)
+from gem.run_folder import TrainedRun, impact_record, read_scores, write_impact, write_scores
+from gem.run_report import run_summary, write_run_report
+from gem.scoring import score_summary, score_with_cache
+from gem.training import CheckpointError, Interrupted, Trainer, encode_images, load_checkpoint
 
 #: Recipe keys a resumed run may change: they do not change what the run computes.
 RESUME_MAY_CHANGE = ("training.steps", "training.checkpoint_every", "training.num_workers", "training.threads")
-
-
-class DataError(ValueError):
-    """The data set is missing, empty or unusable."""
 
 
 @dataclass
@@ -52,98 +43,9 @@ class RunResult:
 def make_run_dir(recipe: Recipe, out: Optional[Path] = None) -> Path:
     """``out`` when given, else ``<recipe.out>/<name>-<timestamp>`` (never an existing folder)."""
     if out is None:
-        base = Path(recipe.out) / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
-        out, k = base, 1
-        while out.exists():
-            out, k = Path(f"{base}-{k}"), k + 1
+        out = timestamped_folder(Path(recipe.out), recipe.name)
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndarray, batch_size: int,
-                 cache: Optional[ScoreCache] = None, show_progress: bool = True,
-                 accelerator: Optional[Accelerator] = None) -> tuple[np.ndarray, dict[str, int]]:
-    """Oracle scores (len(indices), n), NaN where the oracle gave no valid score.
-
-    With a cache (and an oracle that has a ``cache_key``) cached scores are reused and only the
-    missing image-attribute pairs are asked; each scored batch is committed at once.
-    With an accelerator of N processes, process k asks every N-th missing image from k on, and
-    the results are gathered, so N processes make the same requests as one.
-    Returns the scores and counters (``cache_hits``, ``images_asked``; summed over processes).
-    """
-    processes = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
-    attributes = list(dataset.attributes)
-    scores = np.full((len(indices), len(attributes)), np.nan)
-    key = getattr(oracle, "cache_key", "") if cache is not None else ""
-    hashes = [image_hash(dataset.images[i]) for i in indices] if key else []
-    if key:
-        scores[:] = cache.get(key, hashes, attributes)
-    cache_hits = int((~np.isnan(scores)).sum())
-    # Ask each image only for what is missing; images missing the same attributes go together.
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for row in np.flatnonzero(np.isnan(scores).any(axis=1)):
-        groups.setdefault(tuple(np.flatnonzero(np.isnan(scores[row]))), []).append(int(row))
-    groups = {cols: rows[rank::processes] for cols, rows in groups.items()}
-    asked = sum(len(rows) for rows in groups.values())
-    answered: list[tuple[np.ndarray, tuple[int, ...], np.ndarray]] = []
-    with tqdm(total=asked, desc="score", unit="img", disable=not show_progress) as bar:
-        for cols, rows in groups.items():
-            names = [attributes[j] for j in cols]
-            for start in range(0, len(rows), batch_size):
-                chunk = np.asarray(rows[start:start + batch_size])
-                result = np.asarray(oracle.score(np.asarray(dataset.images[indices[chunk]]), indices[chunk], names),
-                                    dtype=float)
-                if result.shape != (len(chunk), len(names)):
-                    raise ValueError(f"oracle returned scores of shape {result.shape}, expected {(len(chunk), len(names))}")
-                bad = ~np.isnan(result) & ((result < 0) | (result > 5))
-                if bad.any():
-                    i, j = np.argwhere(bad)[0]
-                    raise ValueError(f"oracle returned {result[i, j]} for {names[j]!r} of image {indices[chunk][i]}; "
-                                     "scores must be in 0..5 or NaN for missing")
-                scores[np.ix_(chunk, cols)] = result
-                answered.append((chunk, cols, result))
-                if key:
-                    cache.put(key, [hashes[r] for r in chunk], names, result)
-                bar.update(len(chunk))
-    if processes > 1:
-        from accelerate.utils import gather_object
-
-        for chunk, cols, result in gather_object(answered):
-            scores[np.ix_(chunk, cols)] = result
-        asked = int(sum(gather_object([asked])))
-    return scores, {"cache_hits": cache_hits, "images_asked": asked}
-
-
-def score_with_cache(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndarray, recipe: Recipe,
-                     show_progress: bool = True,
-                     accelerator: Optional[Accelerator] = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """:func:`score_images` through ``<cache_dir>/oracle_scores.sqlite`` (unless ``scoring.cache``
-    is off); closes the oracle and the cache, and merges the oracle's own counters (summed over
-    processes when ``accelerator`` shards the scoring)."""
-    cache = None
-    if recipe.scoring.cache:
-        # The main process creates the file and switches it to WAL first: two processes doing
-        # that at once get "database is locked" at once, without waiting for the busy timeout.
-        with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
-            cache = ScoreCache(Path(recipe.cache_dir) / "oracle_scores.sqlite")
-    try:
-        scores, counts = score_images(oracle, dataset, indices, recipe.scoring.batch_size, cache, show_progress,
-                                      accelerator)
-        stats = getattr(oracle, "stats", dict)()
-        if accelerator is not None and accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            totals: dict[str, Any] = {}
-            for part in gather_object([stats]):
-                for k, v in part.items():
-                    totals[k] = totals.get(k, 0) + v if isinstance(v, (int, float)) else v
-            stats = totals
-        return scores, {**counts, **stats}
-    finally:
-        getattr(oracle, "close", lambda: None)()
-        if cache is not None:
-            cache.close()
 
 
 def resume_recipe(run_dir: Path, data: Optional[dict], overrides: Sequence[str], registry: Registry) -> Recipe:
@@ -190,50 +92,31 @@ def _saved_scores(state: Optional[dict], run_dir: Path, scored_idx: np.ndarray,
     return None
 
 
-def load_dataset(build: Any, recipe: Recipe, accelerator: Accelerator) -> ImageDataset:
-    """Build the recipe's data set (main process first, so the cache is made once) and check it."""
-    with accelerator.main_process_first():
-        dataset: ImageDataset = build("dataset")
-    if len(dataset) == 0:
-        raise DataError(f"data set {recipe.plugin_name('dataset')!r} has no images")
-    if not dataset.attributes:
-        raise DataError(f"data set {recipe.plugin_name('dataset')!r} names no attributes")
-    return dataset
-
-
-def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
-               accelerator: Optional[Accelerator] = None, resume: bool = False) -> RunResult:
+def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path, accelerator: Any = None, resume: bool = False,
+               eval_metrics: Optional[Sequence[str]] = None, eval_settings: EvalSettings = END_OF_RUN) -> RunResult:
     """Run every stage of a validated recipe and write the run folder.
 
     With ``resume`` the run continues in ``run_dir`` from its last checkpoint (models, optimisers,
     graph, binding, RNG states, step) and reuses its scores (from the checkpoint, scores.csv or the
     score cache), so no oracle request is repeated; on one process the result is the same as an
     uninterrupted run's. Ctrl-C saves a checkpoint and raises :class:`gem.training.Interrupted`.
+    The trained models are evaluated once, in memory (:func:`gem.evaluation.evaluate`), on the
+    groups ``eval_metrics`` names (default: every group, or :data:`gem.evaluation.QUICK_METRICS`
+    when ``evaluation.full_metrics`` is off) at the sizes of ``eval_settings``.
     """
     started = time.perf_counter()
-    pm = registry.pm
-    pm.hook.gem_configure.call_historic(kwargs={"recipe": recipe.to_dict()})
-    topts = recipe.training
-    if topts.threads:
-        torch.set_num_threads(topts.threads)
-    acc = accelerator or make_accelerator(topts)
+    ctx = RunContext.open(recipe, registry, run_dir, accelerator)
+    pm, topts, acc = registry.pm, recipe.training, ctx.accelerator
     set_seed(recipe.seed)
     main = acc.is_main_process
-    figures = run_dir / "figures"
     if main:
-        figures.mkdir(parents=True, exist_ok=True)
+        (run_dir / "figures").mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    context = BuildContext(seed=recipe.seed, run_dir=run_dir, cache_dir=Path(recipe.cache_dir), accelerator=acc)
-    context.cache_dir.mkdir(parents=True, exist_ok=True)
-
-    def build(stage: str) -> Any:
-        return registry.get(stage, recipe.plugin_name(stage)).build(recipe.plugin_options[stage], context)
 
     # 1. Data.
-    dataset = load_dataset(build, recipe, acc)
-    context.dataset, context.attributes = dataset, list(dataset.attributes)
+    dataset = ctx.load_dataset()
     n = len(dataset.attributes)
-    train_idx, eval_idx, scored_idx = split_indices(recipe, dataset)
+    split = ctx.split(dataset)
     pm.hook.gem_on_stage_end(stage="data", outputs={"dataset": dataset})
 
     checkpoint_dir = run_dir / "checkpoint"
@@ -248,15 +131,15 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     # 2. Oracle scores for the first N_rel images (a resumed run reuses what it has). Extractor,
     #    graph and oracle are built first, so an impossible latent size or a missing API key stops
     #    the run before anything is paid for or trained.
-    saved = _saved_scores(state, run_dir, scored_idx, list(dataset.attributes)) if resume else None
+    saved = _saved_scores(state, run_dir, split.scored, list(dataset.attributes)) if resume else None
     set_seed(recipe.seed)
-    extractor = build("extractor")
-    auxiliary = auxiliary_variable(extractor, dataset, recipe.extractor.get("plugin"))  # fails before scoring
-    graph = build("graph")
-    oracle = build("oracle") if saved is None else None
+    extractor = ctx.build("extractor")
+    auxiliary = auxiliary_variable(extractor, dataset, recipe.plugin_name("extractor"))  # fails before scoring
+    graph = ctx.build("graph")
     if saved is None:
+        oracle = ctx.build("oracle")
         try:
-            scores, oracle_counters = score_with_cache(oracle, dataset, scored_idx, recipe, show_progress=main,
+            scores, oracle_counters = score_with_cache(oracle, dataset, split.scored, recipe, show_progress=main,
                                                        accelerator=acc)
         except KeyboardInterrupt as exc:
             if isinstance(exc, Interrupted):
@@ -267,11 +150,11 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     else:
         scores, oracle_counters = saved
     if main:
-        _write_scores(run_dir / "scores.csv", scored_idx, dataset.attributes, scores)
-    pm.hook.gem_on_stage_end(stage="scores", outputs={"scores": scores, "indices": scored_idx})
+        write_scores(run_dir / "scores.csv", split.scored, dataset.attributes, scores)
+    pm.hook.gem_on_stage_end(stage="scores", outputs={"scores": scores, "indices": split.scored})
 
     # 3. Impact ranking.
-    ranking: Ranking = build("ranker").rank(scores)
+    ranking: Ranking = ctx.build("ranker").rank(scores)
     pm.hook.gem_on_stage_end(stage="rank", outputs={"ranking": ranking})
 
     # 4. Training: warm up with independent latents, bind latents to attributes, then train
@@ -281,7 +164,7 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     relation = RelationModel(graph, n)
     # With several processes each draws its own noise (device_specific); weights start equal.
     set_seed(recipe.seed + 1, device_specific=acc.num_processes > 1)
-    trainer = Trainer(extractor, relation, dataset.images, train_idx, topts, recipe.seed, acc,
+    trainer = Trainer(extractor, relation, dataset.images, split.train, topts, recipe.seed, acc,
                       checkpoint_dir=checkpoint_dir, sample_weights=dataset.sample_weights,
                       auxiliary=auxiliary)
     if state is not None:
@@ -291,28 +174,26 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     elif resume and main:
         print(f"gem: no checkpoint in {checkpoint_dir}; training from step 0 with the saved scores", file=sys.stderr)
     trainer.extra = {"scores": torch.from_numpy(np.asarray(scores, dtype=np.float64)),
-                     "scored_idx": torch.from_numpy(np.asarray(scored_idx, dtype=np.int64)),
+                     "scored_idx": torch.from_numpy(np.asarray(split.scored, dtype=np.int64)),
                      "oracle_counters": {k: v for k, v in oracle_counters.items() if isinstance(v, (int, float))}}
     train_started = time.perf_counter()
-    if not trainer.relate.is_bound:
+    if not trainer.relation.is_bound:
         trainer.fit(min(topts.warmup_steps, topts.steps), desc="warm-up")
-        means = encode_images(trainer.model, dataset.images, scored_idx, acc.device)
+        means = encode_images(trainer.extractor, dataset.images, split.scored, acc.device)
         binding = bind_latents(means, scores)
         if acc.num_processes > 1:  # every process binds as the main one did
             from accelerate.utils import broadcast_object_list
 
             binding.latent_of, binding.sign = broadcast_object_list([binding.latent_of, binding.sign])
-        trainer.relate.bind(binding.latent_of, binding.sign)
+        trainer.relation.bind(binding.latent_of, binding.sign)
         if topts.checkpoint_every:
             trainer.save(checkpoint_dir)  # the binding is part of every later checkpoint
-    latent_of = trainer.relate.latent_of.cpu().numpy()
-    sign = trainer.relate.sign.cpu().numpy()
     trainer.fit(topts.steps, desc="train")
     train_seconds = time.perf_counter() - train_started
     trainer.save(checkpoint_dir)
+    facts = _run_facts(ctx, dataset, split, scores, oracle_counters, trainer, train_seconds)
     try:
-        result = _finish(recipe, registry, run_dir, acc, dataset, scores, scored_idx, eval_idx, ranking,
-                         trainer, latent_of, sign, oracle_counters, train_seconds, started)
+        result = _finish(ctx, dataset, split, scores, ranking, trainer, facts, started, eval_metrics, eval_settings)
     except KeyboardInterrupt as exc:
         raise Interrupted(f"stopped after training (the final checkpoint is saved); "
                           f"continue with: gem-run --resume {run_dir}") from exc
@@ -321,121 +202,97 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path,
     return result
 
 
-def _finish(recipe: Recipe, registry: Registry, run_dir: Path, acc: Accelerator, dataset: ImageDataset,
-            scores: np.ndarray, scored_idx: np.ndarray, eval_idx: np.ndarray, ranking: Ranking,
-            trainer: Trainer, latent_of: np.ndarray, sign: np.ndarray, oracle_counters: dict[str, Any],
-            train_seconds: float, started: float) -> RunResult:
-    """Write model.pt, evaluate and write the report."""
-    pm, topts, main = registry.pm, recipe.training, acc.is_main_process
-    model, rel = trainer.model, trainer.relate
-    learned = rel.adjacency().detach().float().cpu().numpy()
-    if main:
+def _saved_scores(state: Optional[dict], run_dir: Path, scored_idx: np.ndarray,
+                  attributes: list[str]) -> Optional[tuple[np.ndarray, dict[str, Any]]]:
+    """Scores a resumed run already has: the checkpoint's, else the run folder's scores.csv."""
+    extra = state.get("extra", {}) if state is not None else {}
+    if "scores" in extra and np.array_equal(extra["scored_idx"].numpy(), scored_idx):
+        return extra["scores"].numpy().astype(float), dict(extra.get("oracle_counters", {}))
+    path = run_dir / "scores.csv"
+    if path.is_file():
+        indices, scores = read_scores(path, attributes)
+        if np.array_equal(indices, scored_idx):
+            return scores, {}
+    return None
+
+
+def _run_facts(ctx: RunContext, dataset: ImageDataset, split: Split, scores: np.ndarray,
+               oracle_counters: dict[str, Any], trainer: Trainer, train_seconds: float) -> dict[str, Any]:
+    """What metrics.json records of the run itself: binding, oracle, training and data."""
+    attributes, topts = list(dataset.attributes), ctx.recipe.training
+    latent_of = trainer.relation.latent_of.cpu().numpy()
+    sign = trainer.relation.sign.cpu().numpy()
+    return {
+        "binding": {"latent_of": {a: int(k) for a, k in zip(attributes, latent_of)},
+                    "sign": {a: int(s) for a, s in zip(attributes, sign)}},
+        "oracle": {**score_summary(scores), **oracle_counters},
+        "training": {"steps": topts.steps, "seconds": train_seconds,
+                     "steps_per_second": topts.steps / max(train_seconds, 1e-9),
+                     "parameters": sum(p.numel() for p in trainer.extractor.parameters()),
+                     "device": str(ctx.device), "processes": ctx.accelerator.num_processes},
+        "data": {"images": len(dataset), "held_out": len(split.held_out), "scored": len(split.scored),
+                 **dataset.info},
+    }
+
+
+def _finish(ctx: RunContext, dataset: ImageDataset, split: Split, scores: np.ndarray, ranking: Ranking,
+            trainer: Trainer, facts: dict[str, Any], started: float, eval_metrics: Optional[Sequence[str]],
+            eval_settings: EvalSettings) -> RunResult:
+    """Write model.pt and the run's files, evaluate the trained models once and write the report."""
+    pm, acc, run_dir, recipe = ctx.registry.pm, ctx.accelerator, ctx.run_dir, ctx.recipe
+    extractor, relation = trainer.extractor, trainer.relation
+    learned = relation.adjacency().detach().float().cpu().numpy()
+    if acc.is_main_process:
         buffer = io.BytesIO()
-        torch.save({"extractor": model.state_dict(), "relation": rel.state_dict(),
+        torch.save({"extractor": extractor.state_dict(), "relation": relation.state_dict(),
                     "attributes": list(dataset.attributes)}, buffer)
         atomic_write_bytes(run_dir / "model.pt", buffer.getvalue())
     pm.hook.gem_on_stage_end(stage="train", outputs={"history": trainer.history, "adjacency": learned})
 
     # 5. Evaluation and report, on the main process (the others wait for it at the end).
-    if not main:
+    if not acc.is_main_process:
         acc.wait_for_everyone()
         return RunResult(run_dir, {}, {})
-    result_metrics: dict[str, Any] = {
-        "reconstruction": evaluation.reconstruction_metrics(model, rel, dataset.images, eval_idx, acc.device),
-        "relations": evaluation.relation_metrics(learned, ranking, dataset.true_impact),
-        "disentanglement": evaluation.disentanglement_metrics(model, rel, dataset, eval_idx, acc.device),
-        "binding": {"latent_of": {a: int(k) for a, k in zip(dataset.attributes, latent_of)},
-                    "sign": {a: int(s) for a, s in zip(dataset.attributes, sign)}},
-        "oracle": {**_oracle_stats(scores), **oracle_counters},
-        "training": {"steps": topts.steps, "seconds": train_seconds,
-                     "steps_per_second": topts.steps / max(train_seconds, 1e-9),
-                     "parameters": sum(p.numel() for p in model.parameters()),
-                     "device": str(acc.device), "processes": acc.num_processes},
-    }
-    result_metrics["data"] = {"images": len(dataset), "held_out": len(eval_idx), "scored": len(scored_idx),
-                              **{k: v for k, v in dataset.info.items()}}
-    if main:
-        _write_outputs(run_dir, recipe, dataset, scores, ranking, learned, trainer, model, rel,
-                       eval_idx, result_metrics, acc.device)
-        if recipe.evaluation.full_metrics:
-            write_json(run_dir / "metrics.json", result_metrics)
-            evaluate_run(run_dir, registry=registry, accelerator=acc, write_report=False, **END_OF_RUN)
-            result_metrics = json.loads((run_dir / "metrics.json").read_text())
-    result_metrics["run_seconds"] = time.perf_counter() - started
-    summary = run_summary(result_metrics)
-    summary["run folder"] = str(run_dir)
-    if main:
-        write_json(run_dir / "metrics.json", result_metrics)
-        write_run_report(run_dir)
-    pm.hook.gem_on_stage_end(stage="report", outputs={"metrics": result_metrics, "run_dir": run_dir})
-    acc.wait_for_everyone()
-    return RunResult(run_dir, result_metrics, summary)
-
-
-def _write_scores(path: Path, indices: np.ndarray, attributes: list[str], scores: np.ndarray) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["image", *attributes])
-    for index, row in zip(indices, scores):
-        writer.writerow([int(index), *(_cell(v) for v in row)])
-    atomic_write_text(path, buf.getvalue())
-
-
-def _cell(value: float) -> str:
-    """A score as text that reads back as the same float ("" for missing)."""
-    if np.isnan(value):
-        return ""
-    short = f"{value:g}"
-    return short if float(short) == value else repr(float(value))
-
-
-def _oracle_stats(scores: np.ndarray) -> dict[str, Any]:
-    complete = ~np.isnan(scores).any(axis=1)
-    return {"images_scored": int(len(scores)), "missing_scores": int(np.isnan(scores).sum()),
-            "images_with_missing": int((~complete).sum()),
-            "all_zero_rate": float((np.nan_to_num(scores, nan=1) == 0).all(axis=1).mean()) if len(scores) else 0.0}
-
-
-def _write_outputs(run_dir: Path, recipe: Recipe, dataset: ImageDataset, scores: np.ndarray, ranking: Ranking,
-                   learned: np.ndarray, trainer: Trainer, model, rel, eval_idx: np.ndarray,
-                   result_metrics: dict, device) -> None:
-    attrs = list(dataset.attributes)
-    fig = run_dir / "figures"
-    impact = {"attributes": attrs, "oracle_impact": ranking.impact, "ci_low": ranking.ci_low,
-              "ci_high": ranking.ci_high, "learned_adjacency": learned, "true_impact": dataset.true_impact,
-              "images_used": ranking.n_used, "notes": ranking.notes}
-    write_json(run_dir / "impact.json", impact)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["source", "target", "oracle_impact", "ci_low", "ci_high", "learned", "true"])
-    for i, a in enumerate(attrs):
-        for j, b in enumerate(attrs):
-            cells = [ranking.impact[i, j],
-                     ranking.ci_low[i, j] if ranking.ci_low is not None else np.nan,
-                     ranking.ci_high[i, j] if ranking.ci_high is not None else np.nan,
-                     learned[i, j], dataset.true_impact[i, j] if dataset.true_impact is not None else np.nan]
-            writer.writerow([a, b, *("" if np.isnan(c) else f"{c:.6f}" for c in cells)])
-    atomic_write_text(run_dir / "impact.csv", buf.getvalue())
+    impact = impact_record(dataset.attributes, ranking, learned, dataset.true_impact)
+    write_impact(run_dir, impact)
     write_json(run_dir / "history.json", trainer.history)
+    run = TrainedRun(context=ctx, dataset=dataset, extractor=extractor, relation=relation, split=split,
+                     score_indices=split.scored, scores=scores, impact=impact)
+    _draw_run_figures(run, ranking, trainer.history)
+    write_json(run_dir / "metrics.json", facts)
+    if eval_metrics is None and not recipe.evaluation.full_metrics:
+        eval_metrics = QUICK_METRICS
+    result = evaluation.evaluate(run, eval_metrics, eval_settings)
+    metrics = evaluation.record(run_dir, result, write_report=False)
+    metrics["run_seconds"] = time.perf_counter() - started
+    write_json(run_dir / "metrics.json", metrics)
+    write_run_report(run_dir)
+    summary = {**run_summary(metrics), "run folder": str(run_dir)}
+    pm.hook.gem_on_stage_end(stage="report", outputs={"metrics": metrics, "run_dir": run_dir})
+    acc.wait_for_everyone()
+    return RunResult(run_dir, metrics, summary)
 
-    ev = recipe.evaluation
+
+def _draw_run_figures(run: TrainedRun, ranking: Ranking, history: list[dict[str, float]]) -> None:
+    """Traversals, relation matrices, loss curves and the score histogram of a trained run."""
+    attrs, folder, ev = run.attributes, run.run_dir / "figures", run.recipe.evaluation
+    extractor, relation, device = run.extractor, run.relation, run.device
     values = np.linspace(-ev.traversal_range, ev.traversal_range, ev.traversal_steps)
-    image = dataset.images[eval_idx[min(ev.traversal_image, len(eval_idx) - 1)]]
-    related, independent = evaluation.traversals(model, rel, image, values, device)
-    for name, decode in model.extra_decoders().items():
-        grid, _ = evaluation.traversals(model, rel, image, values, device, decode=decode, independent=False)
-        report.plot_traversals(grid, attrs, values, fig / f"traversal_relation_aware_{name}.png",
-                               f"Relation-aware traversals decoded by the {name} decoder")
-    report.plot_impact_heatmap(ranking.impact, attrs, fig / "impact_heatmap.png",
-                               "Impact scores S (Somers' D, row → column)", ranking.ci_low, ranking.ci_high)
-    matrices = {"oracle S": ranking.impact, "learned A": learned}
-    if dataset.true_impact is not None:
-        matrices = {"true": dataset.true_impact, **matrices}
-    report.plot_relation_comparison(matrices, attrs, fig / "relations.png", "Relation matrices")
-    report.plot_traversals(related, attrs, values, fig / "traversal_relation_aware.png",
-                           "Relation-aware traversals (z_rel = Aᵀz)")
-    report.plot_traversals(independent, attrs, values, fig / "traversal_independent.png",
-                           "Independent traversals (one decoder input at a time)")
-    report.plot_loss_curves(trainer.history, fig / "loss_curves.png", "training losses")
-    report.plot_score_histogram(scores, attrs, fig / "oracle_scores.png", "oracle scores")
-
+    image = run.dataset.images[run.split.held_out[min(ev.traversal_image, len(run.split.held_out) - 1)]]
+    related, independent = evaluation.traversals(extractor, relation, image, values, device)
+    for name, decode in extractor.extra_decoders().items():
+        grid, _ = evaluation.traversals(extractor, relation, image, values, device, decode=decode, independent=False)
+        figures.plot_traversals(grid, attrs, values, folder / f"traversal_relation_aware_{name}.png",
+                                f"Relation-aware traversals decoded by the {name} decoder")
+    figures.plot_impact_heatmap(ranking.impact, attrs, folder / "impact_heatmap.png",
+                                "Impact scores S (Somers' D, row → column)", ranking.ci_low, ranking.ci_high)
+    matrices = {"oracle S": ranking.impact, "learned A": run.learned_adjacency}
+    if run.dataset.true_impact is not None:
+        matrices = {"true": run.dataset.true_impact, **matrices}
+    figures.plot_relation_comparison(matrices, attrs, folder / "relations.png", "Relation matrices")
+    figures.plot_traversals(related, attrs, values, folder / "traversal_relation_aware.png",
+                            "Relation-aware traversals (z_rel = Aᵀz)")
+    figures.plot_traversals(independent, attrs, values, folder / "traversal_independent.png",
+                            "Independent traversals (one decoder input at a time)")
+    figures.plot_loss_curves(history, folder / "loss_curves.png", "training losses")
+    figures.plot_score_histogram(run.scores, attrs, folder / "oracle_scores.png", "oracle scores")

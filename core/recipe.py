@@ -23,16 +23,37 @@ class RecipeError(ValueError):
     """The recipe is malformed; the message names the key and the allowed values."""
 
 
-def _check_ranges(options: Any, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
-    """Raise ``ValueError`` naming the first option that is not > 0 (``positive``) or >= 0."""
-    for name in positive:
+Bound = Union[float, tuple[float, float]]
+
+
+def check_ranges(options: Any, positive: Sequence[str] = (), non_negative: Sequence[str] = (), *,
+                 bounds: Optional[Mapping[str, Bound]] = None, where: str = "") -> None:
+    """The range checks of an options dataclass's ``__post_init__``, for the run's sections and for
+    plugins: raise ``ValueError`` naming the first option that is not > 0 (``positive``), not >= 0
+    (``non_negative``), or outside its entry of ``bounds`` (a number: at least that; a pair
+    ``(low, high)``: in that closed interval, written ``low..high`` when both are integers), checked
+    in that order.
+
+    ``where`` (e.g. the plugin's name) starts the message. Values that are not numbers (None: not
+    set) are left alone; when the option's default is None, the message says null is allowed too.
+    """
+    fields = dataclasses.fields(options) if dataclasses.is_dataclass(options) else ()
+    optional = {f.name for f in fields if f.default is None}
+    rules = [(name, "> 0", lambda v: v > 0) for name in positive]
+    rules += [(name, ">= 0", lambda v: v >= 0) for name in non_negative]
+    for name, bound in (bounds or {}).items():
+        if isinstance(bound, tuple):
+            low, high = bound
+            span = f"{low}..{high}" if isinstance(low, int) and isinstance(high, int) else f"[{low}, {high}]"
+            rules.append((name, f"in {span}", lambda v, low=low, high=high: low <= v <= high))
+        else:
+            rules.append((name, f">= {bound}", lambda v, low=bound: v >= low))
+    prefix = f"{where}: " if where else ""
+    for name, allowed, ok in rules:
         value = getattr(options, name)
-        if isinstance(value, (int, float)) and not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value!r}")
-    for name in non_negative:
-        value = getattr(options, name)
-        if isinstance(value, (int, float)) and not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if isinstance(value, (int, float)) and not ok(value):
+            null = " or null" if name in optional else ""
+            raise ValueError(f"{prefix}{name} must be {allowed}{null}, got {value!r}")
 
 
 @dataclass
@@ -58,8 +79,8 @@ class TrainingOptions:
     """torch intra-op threads on the CPU; 0 leaves torch's default."""
 
     def __post_init__(self) -> None:
-        _check_ranges(self, positive=("steps", "batch_size", "log_every", "graph_lr", "gradient_accumulation_steps"),
-                      non_negative=("warmup_steps", "checkpoint_every", "num_workers", "threads"))
+        check_ranges(self, positive=("steps", "batch_size", "log_every", "graph_lr", "gradient_accumulation_steps"),
+                     non_negative=("warmup_steps", "checkpoint_every", "num_workers", "threads"))
 
 
 @dataclass
@@ -72,7 +93,7 @@ class ScoringOptions:
     """Reuse scores from ``<cache_dir>/oracle_scores.sqlite``; a re-run makes no new requests."""
 
     def __post_init__(self) -> None:
-        _check_ranges(self, positive=("n_images", "batch_size"))
+        check_ranges(self, positive=("n_images", "batch_size"))
 
 
 @dataclass
@@ -88,8 +109,8 @@ class EvaluationOptions:
     traversal_image: int = 0
 
     def __post_init__(self) -> None:
-        _check_ranges(self, positive=("n_images", "traversal_range", "traversal_steps"),
-                      non_negative=("traversal_image",))
+        check_ranges(self, positive=("n_images", "traversal_range", "traversal_steps"),
+                     non_negative=("traversal_image",))
 
 
 @dataclass

@@ -93,7 +93,7 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     dis = metrics.get("disentanglement", {})
     if dis:
         rows = {k: v for k, v in dis.items() if not isinstance(v, dict)}
-        rows.update({f"|ρ| bound latent ~ {k}": abs(v) for k, v in dis.get("bound_rho", {}).items()})
+        rows.update({f"ρ of bound latent ~ {k}": v for k, v in dis.get("bound_rho", {}).items()})
         doc.add_table("Disentanglement", rows)
     if (fig / "disentanglement.png").is_file():
         doc.add_image("Disentanglement metrics", fig / "disentanglement.png",

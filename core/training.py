@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from gem.interfaces import Extractor, ImageDataset
+from gem.interfaces import Extractor
 from gem.io import atomic_write_bytes
 from gem.recipe import TrainingOptions
 from gem.relations import RelationModel
@@ -101,21 +101,6 @@ class EpochSampler(Sampler[int]):
         return self.n - self.skip
 
 
-def make_accelerator(options: TrainingOptions) -> Any:
-    """The run's accelerator: device, mixed precision and gradient accumulation from the recipe.
-
-    Batches are split across processes (``split_batches``): each of N processes trains on
-    ``batch_size / N`` images of every batch, so a recipe means the same optimisation on one
-    process or many.
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-
-    return Accelerator(cpu=options.cpu, mixed_precision=options.mixed_precision,
-                       gradient_accumulation_steps=options.gradient_accumulation_steps,
-                       dataloader_config=DataLoaderConfiguration(split_batches=True))
-
-
 class GradientAveraging:
     """Wraps an (accelerate) optimiser so that ``step`` first averages its gradients over processes.
 
@@ -189,38 +174,20 @@ def load_checkpoint(directory: Path) -> Optional[dict[str, Any]]:
     return state
 
 
-def auxiliary_variable(extractor: Any, dataset: ImageDataset, plugin: Optional[str] = None) -> Optional[np.ndarray]:
-    """The auxiliary variable u an extractor asks for (:attr:`Extractor.auxiliary`), one row per image."""
-    kind = getattr(extractor, "auxiliary", None)
-    if kind is None:
-        return None
-    if kind != "labels":
-        raise ValueError(f"extractor {plugin!r} asks for the auxiliary variable {kind!r}; gem provides 'labels'")
-    labels = dataset.factors if dataset.factors is not None else dataset.attribute_scores
-    if labels is None:
-        raise ValueError(f"extractor {plugin!r} learns from labels (auxiliary variable u), but this data set "
-                         "has neither ground-truth factors nor attribute scores; use a data set with labels "
-                         "(synthetic, shapes3d, dsprites, celeba) or another extractor")
-    return np.asarray(labels, dtype=np.float32)
+class _PreparedRelation:
+    """A relation module prepared by accelerate, as extractors see it: called through the wrapper
+    (so several processes stay in step) with the module's own ``is_bound``, which
+    DistributedDataParallel does not pass through."""
 
+    def __init__(self, prepared: Any, module: RelationModel):
+        self.prepared, self.module = prepared, module
 
-def auxiliary_scale(dataset: Optional[ImageDataset]) -> Optional[np.ndarray]:
-    """The largest value of each column of the labels :func:`auxiliary_variable` hands out, at
-    least 1: number of classes − 1 for factors (the largest class present when the levels are not
-    given), 5 for 0-5 attribute scores. Methods divide u by it to bring labels to [0, 1]. None
-    when there is no data set or it has no labels."""
-    if dataset is None:
-        return None
-    if dataset.factors is not None:
-        factors = np.asarray(dataset.factors)
-        k = factors.shape[1]
-        levels = np.asarray(dataset.factor_levels, dtype=np.float64)
-        top = levels - 1 if len(levels) == k else (factors.max(axis=0) if len(factors) else np.zeros(k))
-    elif dataset.attribute_scores is not None:
-        top = np.full(np.asarray(dataset.attribute_scores).shape[1], 5.0)
-    else:
-        return None
-    return np.maximum(np.asarray(top, dtype=np.float64), 1.0)
+    @property
+    def is_bound(self) -> bool:
+        return self.module.is_bound
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.prepared(z)
 
 
 def run_step(extractor: Any, relation: Any, optimizers: dict[str, torch.optim.Optimizer],
@@ -232,17 +199,19 @@ def run_step(extractor: Any, relation: Any, optimizers: dict[str, torch.optim.Op
     The step runs on the unwrapped modules, because extractors own several backward passes;
     ``GradientAveraging`` keeps replicas in sync, and ``accumulate()`` skips updates between steps.
     """
-    relate = accelerator.unwrap_model(relation)
+    module = accelerator.unwrap_model(relation)
+    graph = module.graph
+    seen = relation if relation is module else _PreparedRelation(relation, module)
     with accelerator.accumulate(extractor, relation), accelerator.autocast():
-        logs = accelerator.unwrap_model(extractor).training_step(x, relation, accelerator, optimizers, **extra)
+        logs = accelerator.unwrap_model(extractor).training_step(x, seen, accelerator, optimizers, **extra)
         if graph_optimizer is not None:
-            penalty = relate.graph.penalty()
+            penalty = graph.penalty()
             accelerator.backward(penalty)
             logs["graph_penalty"] = penalty.item()
             graph_optimizer.step()
             graph_optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
-                relate.graph.end_step(step)
+                graph.end_step(step)
     return logs
 
 
@@ -278,8 +247,8 @@ class Trainer:
         else:  # DistributedDataParallel refuses a module with nothing to train (identity, fixed graphs)
             relation = relation.to(accelerator.device)
         prepared = accelerator.prepare(extractor, loader, *optimizers.values(), *extra)
-        self.extractor, self.loader = prepared[:2]
-        self.relation = relation
+        self.prepared_extractor, self.loader = prepared[:2]
+        self.prepared_relation = relation
         self.optimizers = dict(zip(optimizers, prepared[2:2 + len(optimizers)]))
         if extra:
             self.graph_optimizer = prepared[-1]
@@ -302,12 +271,14 @@ class Trainer:
             yield from self.loader
 
     @property
-    def model(self) -> Extractor:
-        return self.accelerator.unwrap_model(self.extractor)
+    def extractor(self) -> Extractor:
+        """The extractor being trained (without accelerate's wrapper)."""
+        return self.accelerator.unwrap_model(self.prepared_extractor)
 
     @property
-    def relate(self) -> RelationModel:
-        return self.accelerator.unwrap_model(self.relation)
+    def relation(self) -> RelationModel:
+        """The relation module being trained (without accelerate's wrapper)."""
+        return self.accelerator.unwrap_model(self.prepared_relation)
 
     def fit(self, until: int, desc: str = "train") -> None:
         """Train until the global step ``until`` (exclusive).
@@ -317,11 +288,11 @@ class Trainer:
         :class:`NonFiniteLossError` without saving, so the last good checkpoint stays.
         """
         acc, opts = self.accelerator, self.options
-        train_graph = self.graph_optimizer is not None and self.relate.is_bound
+        train_graph = self.graph_optimizer is not None and self.relation.is_bound
         bar = tqdm(total=max(until - self.step, 0), desc=desc, unit="step", dynamic_ncols=True,
                    disable=not acc.is_local_main_process)
-        self.extractor.train()
-        self.relation.train()
+        self.prepared_extractor.train()
+        self.prepared_relation.train()
         previous = self._catch_sigint()
         try:
             while self.step < until:
@@ -330,7 +301,7 @@ class Trainer:
                 if isinstance(batch, (tuple, list)):  # (images, auxiliary variable u)
                     batch, extra = batch[0], {"u": batch[1].float()}
                 x = to_float(batch)
-                logs = run_step(self.extractor, self.relation, self.optimizers,
+                logs = run_step(self.prepared_extractor, self.prepared_relation, self.optimizers,
                                 self.graph_optimizer if train_graph else None, acc, x, self.step, **extra)
                 for key, value in logs.items():
                     if not math.isfinite(value):
@@ -406,8 +377,8 @@ class Trainer:
         return {
             "version": CHECKPOINT_VERSION,
             "step": self.step,
-            "extractor": self.model.state_dict(),
-            "relation": self.relate.state_dict(),
+            "extractor": self.extractor.state_dict(),
+            "relation": self.relation.state_dict(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "graph_optimizer": self.graph_optimizer.state_dict() if self.graph_optimizer is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -432,8 +403,8 @@ class Trainer:
     def load(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint made by :meth:`save` (see :func:`load_checkpoint`)."""
         try:
-            self.model.load_state_dict(state["extractor"])
-            self.relate.load_state_dict(state["relation"])
+            self.extractor.load_state_dict(state["extractor"])
+            self.relation.load_state_dict(state["relation"])
             for name, opt in self.optimizers.items():
                 if name not in state["optimizers"]:
                     raise CheckpointError(f"the checkpoint has no state for the optimiser {name!r}")

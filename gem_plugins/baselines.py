@@ -1,4 +1,4 @@
-"""Baseline extractors of the VAE regulariser family (survey: papers/002, Table 1), each at its
+"""Baseline extractors of the VAE regulariser family (survey of Wang et al. 2024, Table 1), each at its
 paper's defaults, all on the same Burgess encoder/decoder (:mod:`gem_plugins.vae_family`).
 
 They are "flat" methods: run them with the ``identity`` graph learner for the methods as
@@ -16,9 +16,10 @@ from torch import nn
 
 from gem import hookimpl
 from gem.interfaces import BuildContext
+from gem.recipe import check_ranges
 from gem_plugins.architectures import init_weights
 from gem_plugins.losses import (AnnealedCapacityLoss, BetaTCVAELoss, BetaVAELoss, DIPVAELoss, FactorVAELoss,
-                                permute_dims)
+                                frozen, optimizer_step, permute_dims)
 from gem_plugins.vae_family import Forward, VAEExtractor, VAEOptions
 
 
@@ -29,7 +30,7 @@ class VAE(VAEExtractor):
         super().__init__(options, context)
         self.loss = BetaVAELoss(1.0, options.distribution)
 
-    def objective(self, f: Forward, relate, accelerator, optimizers):
+    def objective(self, f: Forward, relation, accelerator, optimizers):
         return self.loss(f.logits, f.x, f.mu, f.logvar)
 
 
@@ -40,8 +41,7 @@ class BetaVAEOptions(VAEOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        check_ranges(self, non_negative=("beta",))
 
 
 class BetaVAE(VAEExtractor):
@@ -51,7 +51,7 @@ class BetaVAE(VAEExtractor):
         super().__init__(options, context)
         self.loss = BetaVAELoss(options.beta, options.distribution)
 
-    def objective(self, f: Forward, relate, accelerator, optimizers):
+    def objective(self, f: Forward, relation, accelerator, optimizers):
         return self.loss(f.logits, f.x, f.mu, f.logvar)
 
 
@@ -78,7 +78,7 @@ class AnnealedVAE(VAEExtractor):
         super().__init__(options, context)
         self.loss = AnnealedCapacityLoss(options.gamma, options.c_max, options.capacity_steps, options.distribution)
 
-    def objective(self, f: Forward, relate, accelerator, optimizers):
+    def objective(self, f: Forward, relation, accelerator, optimizers):
         return self.loss(f.logits, f.x, f.mu, f.logvar, int(self.steps_done))
 
 
@@ -105,7 +105,7 @@ class BetaTCVAE(VAEExtractor):
         self.loss = BetaTCVAELoss(options.alpha, options.beta, options.gamma, size, options.sampling,
                                   options.distribution)
 
-    def objective(self, f: Forward, relate, accelerator, optimizers):
+    def objective(self, f: Forward, relation, accelerator, optimizers):
         return self.loss(f.logits, f.x, f.mu, f.logvar, f.z)
 
 
@@ -151,18 +151,22 @@ class FactorVAE(VAEExtractor):
     def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"critic": torch.optim.Adam(self.critic.parameters(), lr=self.options.disc_lr, betas=(0.5, 0.9))}
 
-    def objective(self, f: Forward, relate, accelerator, optimizers):
+    def critic_step(self, codes: torch.Tensor, accelerator: Any,
+                    optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, torch.Tensor]:
+        """Step the critic on the detached codes (B, d): the first half against the dimension-wise
+        permuted second half. Returns its terms."""
+        codes = codes.detach()
+        half = len(codes) // 2
+        loss_d, d_terms = self.loss.discriminator(self.critic(codes[:half]), self.critic(permute_dims(codes[half:])))
+        optimizer_step(loss_d, accelerator, optimizers["critic"])
+        return d_terms
+
+    def objective(self, f: Forward, relation, accelerator, optimizers):
         # The critic steps first: the encoder's TC term below must not hold a graph through
         # weights the critic's optimiser then changes in place.
-        half = len(f.z) // 2
-        codes = f.z.detach()
-        loss_d, d_terms = self.loss.discriminator(self.critic(codes[:half]), self.critic(permute_dims(codes[half:])))
-        accelerator.backward(loss_d)
-        optimizers["critic"].step()
-        optimizers["critic"].zero_grad(set_to_none=True)
-        self.critic.requires_grad_(False)
-        loss, terms = self.loss(f.logits, f.x, f.mu, f.logvar, self.critic(f.z))
-        self.critic.requires_grad_(True)
+        d_terms = self.critic_step(f.z, accelerator, optimizers)
+        with frozen(self.critic):
+            loss, terms = self.loss(f.logits, f.x, f.mu, f.logvar, self.critic(f.z))
         return loss, {**terms, **d_terms}
 
 
@@ -185,7 +189,7 @@ class DIPVAE(VAEExtractor):
             10 * options.lambda_od if self.kind == "i" else options.lambda_od)
         self.loss = DIPVAELoss(self.kind, options.lambda_od, lambda_d, options.distribution)
 
-    def objective(self, f: Forward, relate, accelerator, optimizers):
+    def objective(self, f: Forward, relation, accelerator, optimizers):
         return self.loss(f.logits, f.x, f.mu, f.logvar)
 
 

@@ -24,10 +24,10 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 
 from gem import hookimpl
-from gem.data import (MissingDataError, build_image_cache, cache_file, cache_info, center_square_box,
-                      crop_resize, open_rgb)
+from gem.data import (ImageDataOptions, MissingDataError, build_image_cache, cache_file, cache_info,
+                      center_square_box, crop_resize, open_rgb)
 from gem.interfaces import BuildContext, ImageDataset
-from gem_plugins.somersd import somers_d_matrix
+from gem.labels import true_impact
 
 #: The 40 attributes, as list_attr_celeba.txt spells them, in file order.
 ATTRIBUTES: tuple[str, ...] = (
@@ -83,17 +83,16 @@ def resolve_attribute(name: str) -> tuple[str, bool]:
 
 
 @dataclass
-class CelebAOptions:
-    """Recipe options of the ``celeba`` data set.
+class CelebAOptions(ImageDataOptions):
+    """Recipe options of the ``celeba`` data set (besides those of :class:`gem.data.ImageDataOptions`).
 
     Attributes
     ----------
     root : folder with img_align_celeba/ and the three text files (see docs/datasets.md).
+    max_images : use the first N images of the split (None: all).
     split : train, valid, test (list_eval_partition.txt) or all (every image, file order: the
         last images, which the pipeline holds out for evaluation, are then test images).
     attributes : the attributes GEM models, one latent each (default: the paper's six).
-    max_images : use the first N images of the split (None: all).
-    image_size : side length of the square images.
     crop : landmarks (the paper's face crop, :func:`face_box`), center (largest centred square)
         or none (squash the whole image).
     crop_scale : side of the landmark box in units of the landmark spread.
@@ -103,8 +102,6 @@ class CelebAOptions:
     root: str = "data/celeba"
     split: Literal["train", "valid", "test", "all"] = "all"
     attributes: list[str] = field(default_factory=_paper_attributes)
-    max_images: Optional[int] = None
-    image_size: int = 64
     crop: Literal["landmarks", "center", "none"] = "landmarks"
     crop_scale: float = 3.0
     workers: int = 4
@@ -117,16 +114,8 @@ class CelebAOptions:
             resolve_attribute(name)
         if len(set(self.attributes)) != len(self.attributes):
             raise ValueError(f"celeba: attributes listed twice in {self.attributes}")
-        if self.max_images is not None and self.max_images < 1:
-            raise ValueError(f"celeba: max_images must be >= 1 or null, got {self.max_images}")
-        if self.image_size < 16:
-            raise ValueError(f"celeba: image_size must be >= 16, got {self.image_size}")
-        if not 0.5 <= self.crop_scale <= 10:
-            raise ValueError(f"celeba: crop_scale must be in [0.5, 10], got {self.crop_scale}")
-        if self.workers < 1:
-            raise ValueError(f"celeba: workers must be >= 1, got {self.workers}")
-        if not self.root:
-            raise ValueError("celeba: root must name the CelebA folder")
+        self.check_sizes("celeba", crop_scale=(0.5, 10), workers=1)
+        self.check_root("celeba", "the CelebA folder")
 
 
 def face_box(landmarks: Sequence[float], width: int, height: int, scale: float = 3.0) -> tuple[float, float, float, float]:
@@ -262,7 +251,7 @@ def build_celeba(options: CelebAOptions, context: BuildContext) -> ImageDataset:
         factor_names=list(options.attributes),
         factor_levels=[2] * len(columns),
         attribute_scores=scores,
-        true_impact=somers_d_matrix(scores),
+        true_impact=true_impact(scores),
         info={
             "description": "CelebA aligned faces, cropped with the landmarks and resized",
             "root": str(root),

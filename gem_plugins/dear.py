@@ -1,7 +1,7 @@
 """DEAR (Shen et al., "Weakly Supervised Disentangled Generative Causal Representation Learning",
 JMLR 23, 2022): a bidirectional generative model whose prior is a structural causal model over the
 latents, trained adversarially with a joint discriminator and tied to attribute labels by a
-supervised term. The GEM paper (papers/000, Tables 1-2, Fig. 4) uses it as its supervised baseline.
+supervised term. The GEM paper (Xie et al. 2024, Tables 1-2, Fig. 4) uses it as its supervised baseline.
 
 What is DEAR's and what is gem's:
 
@@ -31,19 +31,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from gem import hookimpl
-from gem.interfaces import BuildContext, Extractor, ImageDataset, Relate
-from gem.training import auxiliary_scale
+from gem.interfaces import BuildContext, ImageDataset, Relation
+from gem.labels import auxiliary_scale
+from gem.recipe import check_ranges
 from gem_plugins.architectures import BurgessDecoder, BurgessEncoder, JointDiscriminator
 from gem_plugins.losses import BaseLoss, JointAdversarialLoss
-from gem_plugins.vae_family import attribute_latent_dim, check_learning_rates
+from gem_plugins.vae_family import ArchitectureOptions, AttributeModel, sample_posterior
 
 #: The interval on which the elementwise maps of the SCM are piecewise linear (DEAR: [-5, 5]).
 KNOT_RANGE = (-5.0, 5.0)
 
 
 @dataclass
-class DEAROptions:
-    """Options of the DEAR extractor. Learning rates and betas are those of DEAR's released code."""
+class DEAROptions(ArchitectureOptions):
+    """Options of the DEAR extractor. Learning rates and betas are those of DEAR's released code.
+    ``channels`` are those of the encoder's and the generator's convolutions, ``hidden`` the width
+    of the fully connected layers (encoder, generator, discriminator)."""
 
     lr: float = 5e-5
     """Adam learning rate of the encoder and the generator (DEAR: lr_e = lr_g = 5e-5)."""
@@ -69,24 +72,14 @@ class DEAROptions:
     must form a DAG (DEAR is given such a super-graph). None allows every edge from an attribute to
     a later one in the recipe's attribute order (a strictly upper-triangular adjacency); ``[]``
     allows none (independent latents)."""
-    latent_dim: Optional[int] = None
-    """Defaults to the number of attributes; any other value is an error."""
-    image_size: int = 64
-    channels: int = 32
-    """Channels of the encoder's and generator's convolutions."""
-    hidden: int = 256
-    """Width of the fully connected layers (encoder, generator, discriminator)."""
     disc_channels: Optional[int] = None
     """Channels of the discriminator's convolutions; defaults to ``channels`` (DEAR: 32 for both)."""
     disc_downsample: int = 1
     """The discriminator reads images average-pooled by this factor (1 = full resolution)."""
 
     def __post_init__(self) -> None:
-        check_learning_rates(self)
-        if self.lambda_sup < 0:
-            raise ValueError(f"lambda_sup must be >= 0, got {self.lambda_sup}")
-        if self.scm_knots < 2:
-            raise ValueError(f"scm_knots must be >= 2, got {self.scm_knots}")
+        super().__post_init__()
+        check_ranges(self, non_negative=("lambda_sup",), bounds={"scm_knots": 2})
         if (self.disc_channels is not None and self.disc_channels < 1) or self.disc_downsample < 1:
             raise ValueError("disc_channels and disc_downsample must be >= 1, got "
                              f"{self.disc_channels}, {self.disc_downsample}")
@@ -263,13 +256,13 @@ class WeakSupervisionLoss(BaseLoss):
 
 
 def dataset_label_scale(dataset: Optional[ImageDataset], n: int) -> Optional[np.ndarray]:
-    """The largest value of each of the first min(K, n) labels (:func:`gem.training.auxiliary_scale`);
+    """The largest value of each of the first min(K, n) labels (:func:`gem.labels.auxiliary_scale`);
     None when there is no data set to ask."""
     scale = auxiliary_scale(dataset)
     return None if scale is None else scale[:n]
 
 
-class DEAR(Extractor):
+class DEAR(AttributeModel):
     """DEAR (Shen et al., JMLR 2022): encoder E(x), generator G fed by an SCM prior, joint
     discriminator D(x, z), supervised latents.
 
@@ -277,14 +270,14 @@ class DEAR(Extractor):
     z_p = F(ε), ε ~ N(0, I), where F is the :class:`CausalPrior`:
 
     1. D steps on the detached pairs: encoder pairs (x, z_e) against generator pairs
-       (G(relate(z_p)), z_p), softplus losses;
+       (G(relation(z_p)), z_p), softplus losses;
     2. encoder, generator and SCM step on the swapped-label adversarial loss plus
        λ · L_sup(mean of E(x), u) (:class:`WeakSupervisionLoss`).
 
     gem's relation graph acts on top of DEAR's SCM: the SCM shapes the prior over the codes (what the
-    codes of real images must look like to fool D), ``relate`` mixes codes before the generator, and
+    codes of real images must look like to fool D), ``relation`` mixes codes before the generator, and
     the pairs carry the codes before mixing, as in gem's own method. With the identity graph this is
-    DEAR as published; ``decode(z)`` is G(z) (callers apply ``relate``), which reads the causal
+    DEAR as published; ``decode(z)`` is G(z) (callers apply the relation), which reads the causal
     latents themselves, as DEAR's traversals do. :meth:`intervene` gives DEAR's interventions,
     which move the descendants of a latent through the SCM.
 
@@ -300,20 +293,16 @@ class DEAR(Extractor):
     betas: tuple[float, float] = (0.0, 0.999)
 
     def __init__(self, options: DEAROptions, context: BuildContext):
-        super().__init__()
-        n = attribute_latent_dim(options, context)
-        self.options = options
-        self.latent_dim = n
-        kw = dict(image_size=options.image_size, channels=options.channels, hidden=options.hidden)
-        self.encoder = BurgessEncoder(n, **kw)
-        self.generator = BurgessDecoder(n, **kw)
+        super().__init__(options, context)
+        n = self.latent_dim
+        self.encoder = BurgessEncoder(n, **options.network_sizes())
+        self.generator = BurgessDecoder(n, **options.network_sizes())
         knots = 2 if options.scm == "linear" else options.scm_knots
         self.prior = CausalPrior(super_graph_mask(options.super_graph, list(context.attributes)), knots)
         self.discriminator = JointDiscriminator(n, options.image_size, options.disc_channels or options.channels,
                                                 options.hidden, options.disc_downsample)
         self.adv_loss = JointAdversarialLoss()
         self.sup_loss = WeakSupervisionLoss()
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         scale = dataset_label_scale(context.dataset, n)
         #: Divisor of each label column (n,; only the first min(K, n) are used) and whether it is
         #: fixed by the data set (else the running maximum of the labels seen).
@@ -329,7 +318,7 @@ class DEAR(Extractor):
             {"params": list(self.prior.maps.parameters()), "lr": opts.prior_lr},
             {"params": [self.prior.weight], "lr": opts.adjacency_lr, "betas": (0.9, 0.999)},
         ], betas=self.betas)
-        disc = torch.optim.Adam(self.discriminator.parameters(), lr=opts.disc_lr, betas=self.betas)
+        disc = self.adam(self.discriminator.parameters(), opts.disc_lr)
         return {"model": model, "disc": disc}
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,7 +349,7 @@ class DEAR(Extractor):
         binary = (scale <= 1) if sup_type == "auto" else torch.full_like(scale, sup_type == "bce", dtype=torch.bool)
         return (labels / scale).clamp(max=1.0), binary
 
-    def training_step(self, x: torch.Tensor, relate: Relate, accelerator: Any,
+    def training_step(self, x: torch.Tensor, relation: Relation, accelerator: Any,
                       optimizers: dict[str, torch.optim.Optimizer], u: Optional[torch.Tensor] = None) -> dict[str, float]:
         if u is None:
             raise ValueError("the dear extractor learns from labels: training_step needs u=, the (B, K) factor "
@@ -371,22 +360,16 @@ class DEAR(Extractor):
         opts = self.options
         batch = len(x)
         mu, logvar = self.encoder(x)
-        z_enc = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        z_enc = sample_posterior(mu, logvar)
         z_prior = self.sample_prior(batch).to(mu.dtype)
-        x_fake = torch.sigmoid(self.generator(relate(z_prior)))
+        x_fake = torch.sigmoid(self.generator(relation(z_prior)))
         # D steps first; encoder, generator and SCM then play against the updated D.
         loss_adv, adv_terms = self.adv_loss.step(self.discriminator, x, z_enc, x_fake, z_prior, accelerator,
                                                  optimizers["disc"])
         labels01, binary = self.normalise_labels(u)
         loss_sup, s_terms = self.sup_loss(mu[:, :labels01.shape[1]].float(), labels01, binary)
         loss = loss_adv + opts.lambda_sup * loss_sup
-        accelerator.backward(loss)
-        optimizers["model"].step()
-        optimizers["model"].zero_grad(set_to_none=True)
-        self.steps_done += 1
-        logs = {k: float(v.detach()) for k, v in {**adv_terms, **s_terms}.items()}
-        logs["loss"] = loss.item()
-        return logs
+        return self.finish_step(loss, {**adv_terms, **s_terms}, accelerator, optimizers, "model")
 
 
 @hookimpl

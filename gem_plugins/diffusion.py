@@ -11,7 +11,7 @@
   that predicts the noise ε from x_t, the time t and an optional condition vector c (a latent
   code); time and condition enter every block as a FiLM scale and shift.
 * :func:`denoising_loss`: the noise-prediction error. With the weighting λ(t) = σ²(t) the
-  denoising score-matching loss of the iVAE + DDPM term paper (papers/003, Eq. 3) is exactly this
+  denoising score-matching loss of the iVAE + DDPM term paper (Kühne & Zemann 2023/24, Eq. 3) is exactly this
   error: the target score of q(x_t | x_0) is −ε/σ(t) and the model's score is −ε̂/σ(t), so
   σ²‖−ε/σ + ε̂/σ‖² = ‖ε − ε̂‖².
 * :func:`ddim_sample`: the DDIM sampler (Song, Meng & Ermon 2021, Eq. 12) on an evenly spaced time
@@ -23,6 +23,7 @@ Images are in [0, 1]; the diffusion models work on 2x − 1 ∈ [−1, 1] (:func
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -299,7 +300,7 @@ def ddim_sample(eps_fn: EpsFn, noise: torch.Tensor, schedule: VPSchedule, steps:
     return x
 
 
-class DiffusionDecoder:
+class DiffusionDecoder(abc.ABC):
     """Mixin for extractors with a code-conditioned diffusion model: ``diffusion_decode`` draws
     images by DDIM from :meth:`conditional_eps` and is offered as the ``"diffusion"`` extra decoder.
 
@@ -307,9 +308,9 @@ class DiffusionDecoder:
     ``schedule`` (a :class:`VPSchedule`) and :meth:`conditional_eps`.
     """
 
+    @abc.abstractmethod
     def conditional_eps(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The noise prediction ε(x_t, t | z) for decoder input z."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def diffusion_decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -33,11 +33,11 @@ This reduced version keeps that structure and these losses, and differs as follo
    EMA of the weights, no learning-rate warm-up.
 6. **A Gaussian encoder with a small KL to N(0, I)** (``kl_weight``) instead of a deterministic
    one, so codes stay on the N(0, I) scale gem's traversals (±2.5) and prior samples assume. The
-   fields read the reparameterised sample passed through the relation graph, relate(z).
+   fields read the reparameterised sample passed through the relation graph, relation(z).
 7. **The disentangling loss compares re-encodings in the encoder's code space** (posterior
    means), with the image's own posterior mean (detached) as the target of the variant part;
    x̂_0 is clamped to [−1, 1] before it is re-encoded.
-8. **A read-out decoder for** :meth:`decode`: a Burgess decoder trained on relate(z) with z
+8. **A read-out decoder for** :meth:`decode`: a Burgess decoder trained on relation(z) with z
    detached (term ``readout``), so it does not shape the representation. Evaluation decodes
    thousands of codes and needs a one-pass decoder; the diffusion sampler (DDIM, ``sample_steps``
    steps, 1 + N U-Net passes per step) is ``extra_decoders()["diffusion"]`` and draws the
@@ -55,11 +55,12 @@ import torch
 import torch.nn.functional as F
 
 from gem import hookimpl
-from gem.interfaces import BuildContext, Relate
+from gem.interfaces import BuildContext, Relation
+from gem.recipe import check_ranges
 from gem_plugins.diffusion import (ConditionalUNet, DiffusionDecoder, DiffusionOptions, denoising_loss,
                                    to_image_space, to_model_space)
 from gem_plugins.losses import BaseLoss, kl_normal, reconstruction_loss
-from gem_plugins.vae_family import VAEExtractor, VAEOptions
+from gem_plugins.vae_family import AutoencoderModel, VAEOptions, sample_posterior
 
 
 class DisDiffLoss(BaseLoss):
@@ -117,12 +118,10 @@ class DisDiffOptions(VAEOptions, DiffusionOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_diffusion()
-        for name in ("lambda_dis", "kl_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_ranges(self, non_negative=("lambda_dis", "kl_weight"))
 
 
-class DisDiff(DiffusionDecoder, VAEExtractor):
+class DisDiff(DiffusionDecoder, AutoencoderModel):
     """DisDiff (Yang et al., NeurIPS 2023), reduced: encoder → one scalar per attribute, an
     unconditional U-Net ε_θ, one field U-Net G(x_t, t, z_c, c) per chunk, trained jointly with the
     reconstruction and disentangling losses; ``decoder`` is a read-out decoder for :meth:`decode`.
@@ -139,11 +138,11 @@ class DisDiff(DiffusionDecoder, VAEExtractor):
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """One Adam over the encoder, both U-Nets and the read-out decoder."""
-        return {"vae": torch.optim.Adam(self.parameters(), lr=self.options.lr, betas=self.betas)}
+        return {"vae": self.adam(self.parameters())}
 
     def fields(self, x_t: torch.Tensor, t: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """The N noise-space fields G_c (B, N, C, H, W), one batched pass over B·N inputs;
-        ``codes`` (B, N) are the decoder inputs (relate(z))."""
+        ``codes`` (B, N) are the decoder inputs (relation(z))."""
         batch, n = codes.shape
         eye = torch.eye(n, device=codes.device, dtype=codes.dtype)
         cond = torch.cat([eye.expand(batch, n, n), codes[:, :, None] * eye], dim=2).reshape(batch * n, 2 * n)
@@ -158,12 +157,12 @@ class DisDiff(DiffusionDecoder, VAEExtractor):
     def _reencode(self, x0: torch.Tensor) -> torch.Tensor:
         return self.encoder(to_image_space(x0.clamp(-1, 1)))[0]
 
-    def training_step(self, x: torch.Tensor, relate: Relate, accelerator: Any,
+    def training_step(self, x: torch.Tensor, relation: Relation, accelerator: Any,
                       optimizers: dict[str, torch.optim.Optimizer], u: Optional[torch.Tensor] = None) -> dict[str, float]:
         mu, logvar = self.encoder(x)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        codes = relate(z)
-        readout_logits = self.decoder(relate(z.detach()))
+        z = sample_posterior(mu, logvar)
+        codes = relation(z)
+        readout_logits = self.decoder(relation(z.detach()))
         x0 = to_model_space(x)
         batch, n = mu.shape
         t = self.schedule.sample_t(batch, x.device)
@@ -184,10 +183,6 @@ class DisDiff(DiffusionDecoder, VAEExtractor):
         dis = self.loss.disentangling(z_plain, self._reencode(x0_field), mu.detach(), chunk, weight)
         loss, terms = self.loss(noise, eps_plain, eps_cond, dis, mu, logvar, readout_logits, x)
         return self.finish_step(loss, terms, accelerator, optimizers)
-
-    def objective(self, f, relate, accelerator, optimizers):
-        raise NotImplementedError("DisDiff has its own training_step")
-
 
 
 @hookimpl

@@ -10,9 +10,9 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from gem.data import FactorDataOptions, build_array_cache, cache_file, class_scores, plan_correlation
+from gem.data import FactorDataOptions, build_array_cache, cache_file, plan_correlation
 from gem.interfaces import ImageDataset
-from gem_plugins.somersd import somers_d_matrix
+from gem.labels import class_scores, true_impact
 
 
 def factor_grid_dataset(source: str, path: Path, n_source: int, order: np.ndarray,
@@ -54,4 +54,4 @@ def factor_grid_dataset(source: str, path: Path, n_source: int, order: np.ndarra
         info.update(plan.describe(all_classes, all_levels, weights))
     return ImageDataset(images=images, attributes=names, factors=factors, factor_names=names,
                         factor_levels=factor_levels, attribute_scores=scores,
-                        true_impact=somers_d_matrix(scores, weights=weights), sample_weights=weights, info=info)
+                        true_impact=true_impact(scores, weights=weights), sample_weights=weights, info=info)

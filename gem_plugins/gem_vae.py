@@ -10,7 +10,8 @@ from typing import Any, Optional
 import torch
 
 from gem import hookimpl
-from gem.interfaces import BuildContext, Relate
+from gem.interfaces import BuildContext, Relation
+from gem.recipe import check_ranges
 from gem_plugins.architectures import JointDiscriminator
 from gem_plugins.losses import BetaVAELoss, JointAdversarialLoss
 from gem_plugins.vae_family import Forward, VAEExtractor, VAEOptions
@@ -46,14 +47,11 @@ class GemVAEOptions(VAEOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.adversarial_every < 1:
-            raise ValueError(f"adversarial_every must be >= 1, got {self.adversarial_every}")
+        check_ranges(self, bounds={"adversarial_every": 1})
         if self.disc_channels < 1 or self.disc_downsample < 1 or self.adversarial_pairs < 0:
             raise ValueError("disc_channels and disc_downsample must be >= 1 and adversarial_pairs >= 0, got "
                              f"{self.disc_channels}, {self.disc_downsample}, {self.adversarial_pairs}")
-        for name in ("beta", "lambda_adv", "lambda_dis"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_ranges(self, non_negative=("beta", "lambda_adv", "lambda_dis"))
 
 
 class GemVAE(VAEExtractor):
@@ -72,15 +70,15 @@ class GemVAE(VAEExtractor):
             return {}
         return {"disc": torch.optim.Adam(self.discriminator.parameters(), lr=self.options.disc_lr, betas=(0.5, 0.999))}
 
-    def prior_codes(self, z: torch.Tensor, relate: Relate) -> Optional[torch.Tensor]:
+    def prior_codes(self, z: torch.Tensor, relation: Relation) -> Optional[torch.Tensor]:
         """Prior samples z ~ N(0, I) for the decoder pairs, once the adversarial term is on."""
         use = self.discriminator is not None and (
-            not self.options.adversarial_from_binding or getattr(relate, "is_bound", True))
+            not self.options.adversarial_from_binding or relation.is_bound)
         if not use or int(self.steps_done) % self.options.adversarial_every:
             return None
         return torch.randn_like(z[:min(self.options.adversarial_pairs or len(z), len(z))])
 
-    def objective(self, f: Forward, relate: Relate, accelerator: Any,
+    def objective(self, f: Forward, relation: Relation, accelerator: Any,
                   optimizers: dict[str, torch.optim.Optimizer]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         opts = self.options
         loss_dis, terms = self.vae_loss(f.logits, f.x, f.mu, f.logvar)

@@ -86,6 +86,8 @@ class GCNGraphOptions:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
         if not 0.0 <= self.anchor_tau <= 1.0:
             raise ValueError(f"anchor_tau must be in [0, 1], got {self.anchor_tau}")
+        if self.anchor_every < 1:
+            raise ValueError(f"anchor_every must be >= 1, got {self.anchor_every}")
 
 
 class GCNGraph(GraphLearner):

@@ -25,10 +25,10 @@ from typing import Literal, Optional
 import numpy as np
 
 from gem import hookimpl
-from gem.data import (IMAGE_EXTENSIONS, MissingDataError, build_image_cache, cache_file, cache_info,
-                      center_square_box, crop_resize, find_images, open_rgb)
+from gem.data import (IMAGE_EXTENSIONS, ImageDataOptions, MissingDataError, build_image_cache, cache_file,
+                      cache_info, center_square_box, crop_resize, find_images, open_rgb)
 from gem.interfaces import BuildContext, ImageDataset
-from gem_plugins.somersd import somers_d_matrix
+from gem.labels import true_impact
 
 
 def _extensions() -> list[str]:
@@ -36,38 +36,33 @@ def _extensions() -> list[str]:
 
 
 @dataclass
-class ImageFolderOptions:
-    """Recipe options of the ``image_folder`` data set.
+class ImageFolderOptions(ImageDataOptions):
+    """Recipe options of the ``image_folder`` data set (besides those of :class:`gem.data.ImageDataOptions`).
 
     Attributes
     ----------
     root : the folder of images.
+    max_images : use the first N images; None: all.
     attributes_csv : optional CSV of attribute scores (path relative to root, or absolute).
     attributes : the attributes GEM models: a subset of the CSV columns (default: all of them),
         or, without a CSV, the names an MLLM oracle scores (required then).
     recursive : search sub-folders.
     extensions : file extensions that count as images.
     crop : center (largest centred square) or none (squash the whole image).
-    max_images : use the first N images; None: all.
-    image_size : side length of the square images.
     workers : decoding threads while the cache is built.
     """
 
-    root: str = ""
     attributes_csv: Optional[str] = None
     attributes: list[str] = field(default_factory=list)
     recursive: bool = True
     extensions: list[str] = field(default_factory=_extensions)
     crop: Literal["center", "none"] = "center"
-    max_images: Optional[int] = None
-    image_size: int = 64
     workers: int = 4
 
     def __post_init__(self) -> None:
         self.attributes = list(self.attributes)
         self.extensions = [e.lower().lstrip(".") for e in self.extensions]
-        if not self.root:
-            raise ValueError("image_folder: root must name the folder of images")
+        self.check_root("image_folder", "the folder of images")
         if not self.attributes and not self.attributes_csv:
             raise ValueError("image_folder: give attributes (names for the oracle) or attributes_csv "
                              "(a CSV of scores)")
@@ -75,12 +70,7 @@ class ImageFolderOptions:
             raise ValueError(f"image_folder: attributes listed twice in {self.attributes}")
         if not self.extensions:
             raise ValueError("image_folder: extensions must not be empty")
-        if self.max_images is not None and self.max_images < 1:
-            raise ValueError(f"image_folder: max_images must be >= 1 or null, got {self.max_images}")
-        if self.image_size < 16:
-            raise ValueError(f"image_folder: image_size must be >= 16, got {self.image_size}")
-        if self.workers < 1:
-            raise ValueError(f"image_folder: workers must be >= 1, got {self.workers}")
+        self.check_sizes("image_folder", workers=1)
 
 
 def read_scores_csv(path: Path) -> tuple[list[str], list[str], np.ndarray, list[bool]]:
@@ -172,7 +162,7 @@ def build_image_folder(options: ImageFolderOptions, context: BuildContext) -> Im
         factor_names=attributes,
         factor_levels=[2 if b else 6 for b in binary],
         attribute_scores=scores,
-        true_impact=somers_d_matrix(scores),
+        true_impact=true_impact(scores),
         info=info,
     )
 

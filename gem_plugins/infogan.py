@@ -1,5 +1,5 @@
 """InfoGAN (Chen et al., "InfoGAN: Interpretable Representation Learning by Information Maximizing
-Generative Adversarial Nets", NeurIPS 2016; survey papers/002, "GAN-based methods"): a GAN whose
+Generative Adversarial Nets", NeurIPS 2016; survey of Wang et al. 2024, "GAN-based methods"): a GAN whose
 generator reads latent codes c besides incompressible noise, with an auxiliary head Q on the
 discriminator that recovers c from the generated image. Maximising the variational lower bound
 L_I(G, Q) = E[log Q(c | G(c, noise))] + H(c) of the mutual information I(c; G(c, noise)) makes the
@@ -20,15 +20,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from gem import hookimpl
-from gem.interfaces import BuildContext, Extractor, Relate
+from gem.interfaces import BuildContext, Relation
+from gem.recipe import check_ranges
 from gem_plugins.architectures import BurgessDecoder, init_weights
-from gem_plugins.losses import BaseLoss
-from gem_plugins.vae_family import attribute_latent_dim, check_learning_rates
+from gem_plugins.losses import BaseLoss, frozen, optimizer_step
+from gem_plugins.vae_family import ArchitectureOptions, AttributeModel
 
 
 @dataclass
-class InfoGANOptions:
-    """Options of the InfoGAN extractor. Learning rates and betas are those of the paper's experiments."""
+class InfoGANOptions(ArchitectureOptions):
+    """Options of the InfoGAN extractor. Learning rates and betas are those of the paper's experiments.
+    ``latent_dim`` is the number of codes c; ``channels`` are those of the generator's and the
+    discriminator's convolutions, ``hidden`` the width of the generator's, the discriminator trunk's
+    and the Q head's fully connected layers."""
 
     lr: float = 1e-3
     """Adam learning rate of the generator (paper: 1e-3)."""
@@ -44,20 +48,10 @@ class InfoGANOptions:
     q_variance: Literal["fixed", "learned"] = "fixed"
     """Q(c|x) is a factored Gaussian with unit variance (``fixed``, the paper's code for continuous
     codes: −log Q is then a squared error) or with a predicted log-variance (``learned``)."""
-    latent_dim: Optional[int] = None
-    """Number of codes c; defaults to the number of attributes, any other value is an error."""
-    image_size: int = 64
-    channels: int = 32
-    """Channels of the generator's and the discriminator's convolutions."""
-    hidden: int = 256
-    """Width of the fully connected layers (generator, discriminator trunk, Q head)."""
 
     def __post_init__(self) -> None:
-        check_learning_rates(self)
-        if self.lambda_info < 0:
-            raise ValueError(f"lambda_info must be >= 0, got {self.lambda_info}")
-        if self.noise_dim < 0:
-            raise ValueError(f"noise_dim must be >= 0, got {self.noise_dim}")
+        super().__post_init__()
+        check_ranges(self, non_negative=("lambda_info", "noise_dim"))
 
 
 def gaussian_nll(c: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -123,8 +117,8 @@ class InfoGANDiscriminator(nn.Module):
         return self.d_head(h).squeeze(1), mean, logvar
 
 
-class InfoGAN(Extractor):
-    """InfoGAN (Chen et al. 2016): generator G(relate(c), noise), discriminator D(x) with Q head.
+class InfoGAN(AttributeModel):
+    """InfoGAN (Chen et al. 2016): generator G(relation(c), noise), discriminator D(x) with Q head.
 
     Each step draws codes c ~ U[-1, 1]^n (the paper's continuous codes, one per attribute) and
     noise ~ U[-1, 1]^noise_dim (the paper's noise), then
@@ -132,32 +126,28 @@ class InfoGAN(Extractor):
     1. D and Q step on real images against detached generated ones: the GAN loss plus λ·(−log Q(c|x̃));
     2. G steps against the updated D and Q: the non-saturating GAN loss plus the same λ·(−log Q).
 
-    The generator reads ``relate(c)``, while Q predicts c itself, the code before the relation graph
+    The generator reads ``relation(c)``, while Q predicts c itself, the code before the relation graph
     (as gem's encoder predicts z and its decoder reads A^T z). :meth:`encode` returns Q's mean and
     log-variance on real images (with the fixed variance, a constant log-variance of 0), and
     :meth:`decode` is G with the noise at 0, the centre of its range, so a code decodes to one image
-    (callers apply ``relate``, as for every extractor).
+    (callers apply the relation, as for every extractor).
     """
 
     #: Adam betas of both optimisers (paper: β1 = 0.5).
     betas: tuple[float, float] = (0.5, 0.999)
 
     def __init__(self, options: InfoGANOptions, context: BuildContext):
-        super().__init__()
-        n = attribute_latent_dim(options, context)
-        self.options = options
-        self.latent_dim = n
+        super().__init__(options, context)
+        n = self.latent_dim
         self.noise_dim = options.noise_dim
-        self.generator = BurgessDecoder(n + options.noise_dim, options.image_size, options.channels, options.hidden)
-        self.discriminator = InfoGANDiscriminator(n, options.image_size, options.channels, options.hidden,
+        self.generator = BurgessDecoder(n + options.noise_dim, **options.network_sizes())
+        self.discriminator = InfoGANDiscriminator(n, **options.network_sizes(),
                                                   learned_variance=options.q_variance == "learned")
         self.loss = InfoGANLoss(options.lambda_info)
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        opts = self.options
-        return {"generator": torch.optim.Adam(self.generator.parameters(), lr=opts.lr, betas=self.betas),
-                "disc": torch.optim.Adam(self.discriminator.parameters(), lr=opts.disc_lr, betas=self.betas)}
+        return {"generator": self.adam(self.generator.parameters()),
+                "disc": self.adam(self.discriminator.parameters(), self.options.disc_lr)}
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, mean, logvar = self.discriminator(x)
@@ -172,31 +162,22 @@ class InfoGAN(Extractor):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.generate(z)
 
-    def training_step(self, x: torch.Tensor, relate: Relate, accelerator: Any,
+    def training_step(self, x: torch.Tensor, relation: Relation, accelerator: Any,
                       optimizers: dict[str, torch.optim.Optimizer], u: Optional[torch.Tensor] = None) -> dict[str, float]:
         batch = len(x)
         c = torch.rand(batch, self.latent_dim, device=x.device) * 2 - 1
         noise = torch.rand(batch, self.noise_dim, device=x.device) * 2 - 1
-        x_fake = self.generate(relate(c), noise)
+        x_fake = self.generate(relation(c), noise)
         # D and Q step on real images and detached generated ones, in one pass.
         logits, mean, logvar = self.discriminator(torch.cat([x, x_fake.detach()]))
         nll = gaussian_nll(c, mean[batch:].float(), logvar[batch:].float())
         loss_d, d_terms = self.loss.discriminator(logits[:batch], logits[batch:], nll)
-        accelerator.backward(loss_d)
-        optimizers["disc"].step()
-        optimizers["disc"].zero_grad(set_to_none=True)
+        optimizer_step(loss_d, accelerator, optimizers["disc"])
         # The generator against the updated D and Q, whose weights stay fixed for this part.
-        self.discriminator.requires_grad_(False)
-        logits, mean, logvar = self.discriminator(x_fake)
-        self.discriminator.requires_grad_(True)
+        with frozen(self.discriminator):
+            logits, mean, logvar = self.discriminator(x_fake)
         loss, g_terms = self.loss(logits, gaussian_nll(c, mean.float(), logvar.float()))
-        accelerator.backward(loss)
-        optimizers["generator"].step()
-        optimizers["generator"].zero_grad(set_to_none=True)
-        self.steps_done += 1
-        logs = {k: float(v.detach()) for k, v in {**d_terms, **g_terms}.items()}
-        logs["loss"] = loss.item()
-        return logs
+        return self.finish_step(loss, {**d_terms, **g_terms}, accelerator, optimizers, "generator")
 
 
 @hookimpl

@@ -1,6 +1,6 @@
 """Extractors with a label-conditioned prior: the identifiable VAE (``ivae``; Khemakhem, Kingma,
 Monti & Hyvärinen 2020, "Variational autoencoders and nonlinear ICA: a unifying framework") and
-iVAE + DDPM (``ivae_ddpm``; Kühne & Zemann, HPI term paper 2023/24, papers/003), which adds a diffusion model of the
+iVAE + DDPM (``ivae_ddpm``; Kühne & Zemann, HPI term paper 2023/24), which adds a diffusion model of the
 images conditioned on the code.
 
 Both learn from an auxiliary variable u (``auxiliary = "labels"``): the gem training loop passes
@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from gem import hookimpl
-from gem.interfaces import BuildContext, Relate
-from gem.training import auxiliary_scale
+from gem.interfaces import BuildContext, Relation
+from gem.labels import auxiliary_scale
+from gem.recipe import check_ranges
 from gem_plugins.architectures import init_weights
 from gem_plugins.diffusion import (ConditionalUNet, DiffusionDecoder, DiffusionOptions, denoising_loss,
                                    to_model_space)
@@ -67,7 +68,7 @@ class IVAELoss(BaseLoss):
 
 
 class IVAEDDPMLoss(BaseLoss):
-    """iVAE + DDPM objective (papers/003, Eq. 2): L_DDPM + λ_rec·L_rec + λ_KL·L_KL.
+    """iVAE + DDPM objective (Kühne & Zemann, Eq. 2): L_DDPM + λ_rec·L_rec + λ_KL·L_KL.
 
     * L_DDPM: the σ²(t)-weighted denoising score-matching loss of Eq. 3, i.e. the mean squared
       noise-prediction error (:func:`gem_plugins.diffusion.denoising_loss`);
@@ -109,8 +110,7 @@ class LabelPriorOptions(VAEOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.prior_hidden < 1:
-            raise ValueError(f"prior_hidden must be >= 1, got {self.prior_hidden}")
+        check_ranges(self, bounds={"prior_hidden": 1})
         if self.u_dim is not None and self.u_dim < 1:
             raise ValueError(f"u_dim must be >= 1, got {self.u_dim}")
 
@@ -122,8 +122,7 @@ class IVAEOptions(LabelPriorOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        check_ranges(self, non_negative=("beta",))
 
 
 class ConditionalPrior(nn.Module):
@@ -166,7 +165,7 @@ def label_columns(options: LabelPriorOptions, context: BuildContext, plugin: str
 
 
 class LabelPriorVAE(VAEExtractor):
-    """Encoder q(z|x), decoder p(x | relate(z)) and the conditional prior p(z | u); subclasses give
+    """Encoder q(z|x), decoder p(x | relation(z)) and the conditional prior p(z | u); subclasses give
     the loss. ``training_step`` requires ``u``."""
 
     auxiliary = "labels"
@@ -182,7 +181,7 @@ class LabelPriorVAE(VAEExtractor):
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """One Adam over encoder, decoder, prior network (and any diffusion model)."""
-        return {"vae": torch.optim.Adam(self.parameters(), lr=self.options.lr, betas=self.betas)}
+        return {"vae": self.adam(self.parameters())}
 
     def prior_params(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance (B, d) of p(z | u) for raw labels u (B, K)."""
@@ -199,9 +198,9 @@ class LabelPriorVAE(VAEExtractor):
                              f"got {tuple(u.shape)}")
         return u.to(device=x.device, dtype=torch.float32)
 
-    def training_step(self, x: torch.Tensor, relate: Relate, accelerator: Any,
+    def training_step(self, x: torch.Tensor, relation: Relation, accelerator: Any,
                       optimizers: dict[str, torch.optim.Optimizer], u: Optional[torch.Tensor] = None) -> dict[str, float]:
-        return super().training_step(x, relate, accelerator, optimizers, u=self.check_u(x, u))
+        return super().training_step(x, relation, accelerator, optimizers, u=self.check_u(x, u))
 
 
 class IVAE(LabelPriorVAE):
@@ -212,7 +211,7 @@ class IVAE(LabelPriorVAE):
         super().__init__(options, context)
         self.loss = IVAELoss(options.beta, options.distribution)
 
-    def objective(self, f: Forward, relate, accelerator, optimizers):
+    def objective(self, f: Forward, relation, accelerator, optimizers):
         prior_mu, prior_logvar = self.prior_params(f.u)
         return self.loss(f.logits, f.x, f.mu, f.logvar, prior_mu, prior_logvar)
 
@@ -220,27 +219,25 @@ class IVAE(LabelPriorVAE):
 @dataclass
 class IVAEDDPMOptions(LabelPriorOptions, DiffusionOptions):
     lr: float = 2e-4
-    """Adam learning rate of every network (papers/003, Table 1: 2e-4)."""
+    """Adam learning rate of every network (Kühne & Zemann, Table 1: 2e-4)."""
     distribution: Literal["bernoulli", "gaussian"] = "gaussian"
     """Pixel loss of the iVAE decoder; the paper's L_rec is the squared error (gaussian)."""
     lambda_rec: float = 0.1
-    """Weight of the iVAE reconstruction loss (papers/003, Table 1: 0.1)."""
+    """Weight of the iVAE reconstruction loss (Kühne & Zemann, Table 1: 0.1)."""
     lambda_kl: float = 5e-4
-    """Weight of KL(q(z|x) || p(z|u)) (papers/003, Table 1: 5e-4)."""
+    """Weight of KL(q(z|x) || p(z|u)) (Kühne & Zemann, Table 1: 5e-4)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_diffusion()
-        for name in ("lambda_rec", "lambda_kl"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_ranges(self, non_negative=("lambda_rec", "lambda_kl"))
 
 
 class IVAEDDPM(DiffusionDecoder, LabelPriorVAE):
-    """iVAE + DDPM (Kühne & Zemann, HPI term paper 2023/24, papers/003, Sec. 2 and Eq. 2-3).
+    """iVAE + DDPM (Kühne & Zemann, HPI term paper 2023/24, Sec. 2 and Eq. 2-3).
 
     The iVAE (encoder, decoder, conditional prior) plus a conditional diffusion model p(x | z): a
-    U-Net of residual blocks predicts the noise of x_t from (x_t, t, relate(z)) under the VP SDE
+    U-Net of residual blocks predicts the noise of x_t from (x_t, t, relation(z)) under the VP SDE
     (:mod:`gem_plugins.diffusion`). Everything trains jointly on
     L_DDPM + λ_rec·L_rec + λ_KL·L_KL (:class:`IVAEDDPMLoss`), where z is the reparameterised sample
     of q(z|x).
@@ -262,12 +259,12 @@ class IVAEDDPM(DiffusionDecoder, LabelPriorVAE):
         self.schedule = options.schedule()
         self.loss = IVAEDDPMLoss(options.lambda_rec, options.lambda_kl, options.distribution)
 
-    def objective(self, f: Forward, relate, accelerator, optimizers):
+    def objective(self, f: Forward, relation, accelerator, optimizers):
         prior_mu, prior_logvar = self.prior_params(f.u)
         x0 = to_model_space(f.x)
         t = self.schedule.sample_t(len(x0), x0.device)
         noise = torch.randn_like(x0)
-        eps = self.unet(self.schedule.q_sample(x0, t, noise), t, relate(f.z))
+        eps = self.unet(self.schedule.q_sample(x0, t, noise), t, relation(f.z))
         return self.loss(eps, noise, f.logits, f.x, f.mu, f.logvar, prior_mu, prior_logvar)
 
     def conditional_eps(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

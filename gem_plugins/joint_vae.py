@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from gem import hookimpl
-from gem.interfaces import BuildContext, Relate
+from gem.interfaces import BuildContext, Relation
+from gem.recipe import check_ranges
 from gem_plugins.architectures import BurgessDecoder, BurgessEncoder, init_weights
 from gem_plugins.losses import AnnealedCapacityLoss, BaseLoss
-from gem_plugins.vae_family import Forward, VAEExtractor, VAEOptions
+from gem_plugins.vae_family import Forward, VAEExtractor, VAEOptions, sample_posterior
 
 
 def gumbel_softmax(logits: torch.Tensor, temperature: float,
@@ -133,14 +134,8 @@ class JointVAEOptions(VAEOptions):
         if not self.discrete or any(k < 2 for k in self.discrete):
             raise ValueError(f"discrete must list at least one variable, each with >= 2 categories, got {self.discrete}"
                              " (use annealed_vae for continuous latents only)")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("gamma_z", "capacity_z", "gamma_c", "capacity_c"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("capacity_z_steps", "capacity_c_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges(self, positive=("temperature",), non_negative=("gamma_z", "capacity_z", "gamma_c", "capacity_c"),
+                     bounds={"capacity_z_steps": 1, "capacity_c_steps": 1})
         if not 0 <= self.decode_category < min(self.discrete):
             raise ValueError(f"decode_category must be in 0 .. {min(self.discrete) - 1} (every variable has that "
                              f"category), got {self.decode_category}")
@@ -156,7 +151,7 @@ class JointForward(Forward):
 class JointVAE(VAEExtractor):
     """JointVAE (Dupont 2018, NeurIPS; objective of Sec. 3): q(z|x) Gaussian over the n attribute
     latents, q(c_v|x) categorical per discrete variable, sampled with the Gumbel-softmax
-    relaxation; the decoder reads [relate(z), c_1, ..., c_V].
+    relaxation; the decoder reads [relation(z), c_1, ..., c_V].
 
     Loss: recon + γ_z·|KL(q(z|x)||N(0, I)) − C_z(t)| + γ_c·|Σ_v KL(q(c_v|x)||U(K_v)) − C_c(t)|,
     see :class:`JointVAELoss`.
@@ -176,7 +171,7 @@ class JointVAE(VAEExtractor):
 
     def __init__(self, options: JointVAEOptions, context: BuildContext):
         super().__init__(options, context)
-        kw = dict(image_size=options.image_size, channels=options.channels, hidden=options.hidden)
+        kw = options.network_sizes()
         self.categories = list(options.discrete)
         self.encoder = JointEncoder(self.latent_dim, self.categories, **kw)
         self.decoder = BurgessDecoder(self.latent_dim + sum(self.categories), **kw)
@@ -201,7 +196,7 @@ class JointVAE(VAEExtractor):
         return code
 
     def decode_joint(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Decode continuous codes z (B, n) (after relate) with categorical codes c (B, Σ K_v)."""
+        """Decode continuous codes z (B, n) (after the relation) with categorical codes c (B, Σ K_v)."""
         return torch.sigmoid(self.decoder(torch.cat([z, c.to(z.dtype)], dim=1)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -220,17 +215,17 @@ class JointVAE(VAEExtractor):
                 out[name] = lambda z, chosen=chosen: self.decode_joint(z, self.category_code(len(z), chosen, z))
         return out
 
-    def objective(self, f: JointForward, relate: Relate, accelerator: Any, optimizers):
+    def objective(self, f: JointForward, relation: Relation, accelerator: Any, optimizers):
         return self.loss(f.logits, f.x, f.mu, f.logvar, f.category_logits, int(self.steps_done))
 
-    def training_step(self, x: torch.Tensor, relate: Relate, accelerator: Any,
+    def training_step(self, x: torch.Tensor, relation: Relation, accelerator: Any,
                       optimizers: dict[str, torch.optim.Optimizer], u: Optional[torch.Tensor] = None) -> dict[str, float]:
         mu, logvar, category_logits = self.encoder(x)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        z = sample_posterior(mu, logvar)
         c = torch.cat([gumbel_softmax(l, self.options.temperature) for l in category_logits], dim=1)
-        logits = self.decoder(torch.cat([relate(z), c], dim=1))
+        logits = self.decoder(torch.cat([relation(z), c], dim=1))
         forward = JointForward(x, mu, logvar, z, logits, u=u, category_logits=category_logits)
-        loss, terms = self.objective(forward, relate, accelerator, optimizers)
+        loss, terms = self.objective(forward, relation, accelerator, optimizers)
         return self.finish_step(loss, terms, accelerator, optimizers)
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Literal
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,25 @@ def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     Closed form 0.5 * (mu^2 + exp(logvar) - logvar - 1) (Kingma & Welling 2014, App. B).
     """
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).mean(dim=0)
+
+
+def optimizer_step(loss: torch.Tensor, accelerator: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Backward ``loss``, step and zero ``optimizer``, in that order, so gradient accumulation
+    works (accelerate skips ``step()`` and ``zero_grad()`` between updates)."""
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Turn off the gradients of ``module``'s weights inside the block: a critic or discriminator
+    that has just stepped is read by the model's loss without being trained by it."""
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        module.requires_grad_(True)
 
 
 class BaseLoss(abc.ABC):
@@ -92,12 +112,9 @@ class JointAdversarialLoss(BaseLoss):
         pair_x, pair_z = torch.cat([real_x, fake_x]), torch.cat([real_z, fake_z])
         logits = discriminator(pair_x.detach(), pair_z.detach())
         loss_d, d_terms = self.discriminator(logits[:batch], logits[batch:])
-        accelerator.backward(loss_d)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        discriminator.requires_grad_(False)
-        logits = discriminator(pair_x, pair_z)
-        discriminator.requires_grad_(True)
+        optimizer_step(loss_d, accelerator, optimizer)
+        with frozen(discriminator):
+            logits = discriminator(pair_x, pair_z)
         loss_g, g_terms = self(logits[:batch], logits[batch:])
         return loss_g, {**d_terms, **g_terms}
 

@@ -21,8 +21,8 @@ from typing import Any, Literal, Optional
 import numpy as np
 
 from gem import hookimpl
-from gem.data import (MissingDataError, build_image_cache, cache_file, cache_info, center_square_box,
-                      crop_resize, find_images, open_rgb)
+from gem.data import (ImageDataOptions, MissingDataError, build_image_cache, cache_file, cache_info,
+                      center_square_box, crop_resize, find_images, open_rgb)
 from gem.interfaces import BuildContext, ImageDataset
 
 #: Attributes a category gets when the recipe names none (the GEM paper's Figure 5 scenes).
@@ -35,18 +35,17 @@ URL = "https://github.com/fyu/lsun"
 
 
 @dataclass
-class LSUNOptions:
-    """Recipe options of the ``lsun`` data set.
+class LSUNOptions(ImageDataOptions):
+    """Recipe options of the ``lsun`` data set (besides those of :class:`gem.data.ImageDataOptions`).
 
     Attributes
     ----------
     root : folder holding the category (see the module docstring and docs/datasets.md).
+    max_images : use the first N images (LMDB key order or sorted file names); None: all.
     category : LSUN category, e.g. horse, bedroom, church_outdoor.
     split : train or val; only used in the scene LMDB name ``<category>_<split>_lmdb``.
     source : auto (LMDB if found, else a folder), lmdb or folder.
     attributes : attribute names for the oracle; default: six per category for horse and bedroom.
-    max_images : use the first N images (LMDB key order or sorted file names); None: all.
-    image_size : side length of the square images.
     workers : decoding threads while the cache is built.
     """
 
@@ -55,8 +54,6 @@ class LSUNOptions:
     split: Literal["train", "val"] = "train"
     source: Literal["auto", "lmdb", "folder"] = "auto"
     attributes: list[str] = field(default_factory=list)
-    max_images: Optional[int] = None
-    image_size: int = 64
     workers: int = 4
 
     def __post_init__(self) -> None:
@@ -68,14 +65,8 @@ class LSUNOptions:
                              f"(defaults exist for {', '.join(DEFAULT_ATTRIBUTES)})")
         if len(set(self.attributes)) != len(self.attributes):
             raise ValueError(f"lsun: attributes listed twice in {self.attributes}")
-        if self.max_images is not None and self.max_images < 1:
-            raise ValueError(f"lsun: max_images must be >= 1 or null, got {self.max_images}")
-        if self.image_size < 16:
-            raise ValueError(f"lsun: image_size must be >= 16, got {self.image_size}")
-        if self.workers < 1:
-            raise ValueError(f"lsun: workers must be >= 1, got {self.workers}")
-        if not self.root:
-            raise ValueError("lsun: root must name the LSUN folder")
+        self.check_sizes("lsun", workers=1)
+        self.check_root("lsun", "the LSUN folder")
 
 
 def _lmdb():

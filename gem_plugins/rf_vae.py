@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from gem import hookimpl
-from gem.interfaces import BuildContext, Relate
+from gem.interfaces import BuildContext, Relation
+from gem.recipe import check_ranges
 from gem_plugins.baselines import FactorVAE, FactorVAEOptions
-from gem_plugins.losses import FactorVAELoss, kl_normal, permute_dims, reconstruction_loss
+from gem_plugins.losses import FactorVAELoss, frozen, kl_normal, reconstruction_loss
 
 
 class RFVAELoss(FactorVAELoss):
-    """RF-VAE objective (survey papers/002, Table 1; Kim et al. 2019):
+    """RF-VAE objective (survey of Wang et al. 2024, Table 1; Kim et al. 2019):
 
         recon + Σ_j λ(r_j)·KL(q(z_j|x) || N(0, 1)) + γ·TC(r∘z) + η·‖r‖₁,
 
@@ -73,15 +74,12 @@ class RFVAEOptions(FactorVAEOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("gamma", "lambda_min", "lambda_max", "eta"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_ranges(self, non_negative=("gamma", "lambda_min", "lambda_max", "eta"))
         if self.lambda_min > self.lambda_max:
             raise ValueError(f"lambda_min must be <= lambda_max, got {self.lambda_min} > {self.lambda_max}")
         if not 0.0 <= self.relevance_init <= 1.0:
             raise ValueError(f"relevance_init must be in [0, 1], got {self.relevance_init}")
-        if self.disc_hidden < 1:
-            raise ValueError(f"disc_hidden must be >= 1, got {self.disc_hidden}")
+        check_ranges(self, bounds={"disc_hidden": 1})
 
 
 class RFVAE(FactorVAE):
@@ -91,7 +89,7 @@ class RFVAE(FactorVAE):
 
     The critic separates r∘z of the first half of the batch from dimension-wise permuted r∘z of
     the second half (as in :class:`~gem_plugins.baselines.FactorVAE`); it steps first, then the
-    encoder's TC term is read with the critic frozen. The decoder reads relate(z), not r∘z.
+    encoder's TC term is read with the critic frozen. The decoder reads relation(z), not r∘z.
 
     What comes from where: the objective's form is the paper's (survey Table 1); the linear λ(r)
     and the defaults (γ = 6.4, λ_min = 0.1, λ_max = 10, η = 6.4, r₀ = 0.5, Adam 0.5 / 0.9 for r)
@@ -112,23 +110,17 @@ class RFVAE(FactorVAE):
                                            "betas": (0.5, 0.9)})
         return optimizers
 
-    def objective(self, f, relate, accelerator, optimizers):
+    def objective(self, f, relation, accelerator, optimizers):
         rz = self.relevance * f.z
-        half = len(rz) // 2
-        codes = rz.detach()
-        loss_d, d_terms = self.loss.discriminator(self.critic(codes[:half]), self.critic(permute_dims(codes[half:])))
-        accelerator.backward(loss_d)
-        optimizers["critic"].step()
-        optimizers["critic"].zero_grad(set_to_none=True)
-        self.critic.requires_grad_(False)
-        loss, terms = self.loss(f.logits, f.x, f.mu, f.logvar, self.relevance, self.critic(rz))
-        self.critic.requires_grad_(True)
+        d_terms = self.critic_step(rz, accelerator, optimizers)
+        with frozen(self.critic):
+            loss, terms = self.loss(f.logits, f.x, f.mu, f.logvar, self.relevance, self.critic(rz))
         r = self.relevance.detach()
         return loss, {**terms, **d_terms, "relevance_mean": r.mean(), "relevance_min": r.min()}
 
-    def training_step(self, x: torch.Tensor, relate: Relate, accelerator: Any,
+    def training_step(self, x: torch.Tensor, relation: Relation, accelerator: Any,
                       optimizers: dict[str, torch.optim.Optimizer], u: Optional[torch.Tensor] = None) -> dict[str, float]:
-        logs = super().training_step(x, relate, accelerator, optimizers, u=u)
+        logs = super().training_step(x, relation, accelerator, optimizers, u=u)
         with torch.no_grad():
             self.relevance.clamp_(0.0, 1.0)
         return logs

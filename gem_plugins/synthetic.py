@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from gem import hookimpl
 from gem.data import check_factor_names
+from gem.recipe import check_ranges
 from gem.interfaces import BuildContext, ImageDataset
-from gem_plugins.somersd import somers_d_matrix
+from gem.labels import class_scores, true_impact
 
 #: Every factor the renderer knows, with its number of classes.
 FACTOR_LEVELS: dict[str, int] = {
@@ -104,10 +105,7 @@ class SyntheticOptions:
 
 
 def _validate(options: SyntheticOptions) -> None:
-    if int(options.n_images) < 1:
-        raise ValueError(f"synthetic: n_images must be >= 1, got {options.n_images}")
-    if int(options.image_size) < 16:
-        raise ValueError(f"synthetic: image_size must be >= 16, got {options.image_size}")
+    check_ranges(options, where="synthetic", bounds={"n_images": 1, "image_size": 16})
     check_factor_names(options.factors, FACTOR_LEVELS, "synthetic")
     seen: set[tuple[str, str]] = set()
     for edge in options.correlations:
@@ -269,9 +267,8 @@ def render(factor_classes: np.ndarray, factor_names: Sequence[str], image_size: 
 
 
 def attribute_scores(factors: np.ndarray, factor_names: Sequence[str]) -> np.ndarray:
-    """What a perfect oracle says: ``round(class / (levels - 1) * 5)``, int (N, K) in 0..5."""
-    levels = np.array([FACTOR_LEVELS[name] for name in factor_names])
-    return np.floor(factors / (levels - 1) * 5 + 0.5).astype(np.int64)
+    """What a perfect oracle says (:func:`gem.labels.class_scores`), int (N, K) in 0..5."""
+    return class_scores(factors, [FACTOR_LEVELS[name] for name in factor_names])
 
 
 def _cache_path(options: SyntheticOptions, seed: int, cache_dir: Path) -> Path:
@@ -329,7 +326,7 @@ def build_synthetic(options: SyntheticOptions, context: BuildContext) -> ImageDa
         factor_names=names,
         factor_levels=[FACTOR_LEVELS[name] for name in names],
         attribute_scores=scores,
-        true_impact=somers_d_matrix(scores),
+        true_impact=true_impact(scores),
         info={
             "description": "Procedurally rendered wall/floor/object scenes whose factors are "
                            "sampled with a Gaussian copula along the configured parent -> child edges.",

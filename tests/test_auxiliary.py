@@ -8,7 +8,8 @@ from accelerate import Accelerator
 from gem.interfaces import BuildContext, ImageDataset
 from gem.recipe import TrainingOptions
 from gem.relations import RelationModel
-from gem.training import Trainer, auxiliary_variable
+from gem.labels import auxiliary_variable
+from gem.training import Trainer
 from gem_plugins.baselines import VAE
 from gem_plugins.graph_learners import IdentityGraph
 from gem_plugins.vae_family import VAEOptions
@@ -23,9 +24,9 @@ class RecordingVAE(VAE):
         super().__init__(options, context)
         self.seen = []
 
-    def training_step(self, x, relate, accelerator, optimizers, u=None):
+    def training_step(self, x, relation, accelerator, optimizers, u=None):
         self.seen.append((x[:, 0, 0, 0].detach().clone(), u.clone()))
-        return super().training_step(x, relate, accelerator, optimizers, u=u)
+        return super().training_step(x, relation, accelerator, optimizers, u=u)
 
 
 def _dataset(n=24):
@@ -70,7 +71,7 @@ def test_auxiliary_variable_prefers_factors_then_scores_and_explains_when_missin
 
 
 def test_auxiliary_scale_is_the_top_label_of_each_column():
-    from gem.training import auxiliary_scale
+    from gem.labels import auxiliary_scale
 
     images = np.zeros((3, 4, 4, 3), dtype=np.uint8)
     with_levels = ImageDataset(images=images, attributes=["a", "b"], factors=np.array([[0, 2], [1, 0], [0, 1]]),

@@ -1,7 +1,6 @@
 """Latent binding (Hungarian on |Spearman rho|) and the array metrics."""
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import scipy.stats
 import torch
 
 from gem.binding import Binding, bind_latents, spearman_matrix
-from gem.metrics import mse, psnr, relation_error, spearman_mcc
+from gem.metrics import relation_error, spearman_mcc
 
 
 def test_spearman_matrix_matches_scipy_with_nan_and_constant():
@@ -43,12 +42,7 @@ def test_bind_recovers_permutation_and_signs():
     np.testing.assert_array_equal(binding.latent_of, perm)
     np.testing.assert_array_equal(binding.sign, signs)
     assert binding.rho.shape == (n, d)
-    assert (np.abs(binding.matched_rho) > 0.9).all()
-    np.testing.assert_array_equal(binding.attribute_of, [1, -1, 3, -1, 0, 4, 2])
-    np.testing.assert_array_equal(binding.select(latents), latents[:, perm])
-    np.testing.assert_allclose(binding.select(latents, signed=True), latents[:, perm] * signs)
-    z = torch.from_numpy(latents)
-    torch.testing.assert_close(binding.select(z, signed=True), torch.from_numpy(latents[:, perm] * signs))
+    assert (np.abs(binding.rho[np.arange(n), perm]) > 0.9).all()
     # torch inputs give the same binding
     again = bind_latents(torch.from_numpy(latents).float(), torch.from_numpy(scores))
     np.testing.assert_array_equal(again.latent_of, perm)
@@ -68,16 +62,6 @@ def test_bind_constant_column_and_zero_sign():
 def test_bind_needs_enough_latents():
     with pytest.raises(ValueError, match="d >= n"):
         bind_latents(np.zeros((10, 2)), np.zeros((10, 3)))
-
-
-def test_mse_and_psnr_closed_form():
-    x = np.full((4, 3, 8, 8), 0.5)
-    y = x + 0.1
-    assert mse(x, y) == pytest.approx(0.01)
-    assert psnr(x, y) == pytest.approx(20.0)
-    assert psnr(x, y, data_range=255.0) == pytest.approx(20.0 + 20 * math.log10(255.0))
-    assert psnr(torch.from_numpy(x).float(), torch.from_numpy(y).float()) == pytest.approx(20.0, abs=1e-4)
-    assert psnr(x, x) == math.inf
 
 
 def test_relation_error_hand_made():

@@ -205,7 +205,7 @@ def _scores(n, seed):
 
 
 def test_relation_error_bootstrap_resamples_scored_rows():
-    from gem_plugins.somersd import somers_d_matrix
+    from gem.somers_d import somers_d_matrix
 
     true = somers_d_matrix(_scores(20000, 0))
     scores = _scores(300, 1)

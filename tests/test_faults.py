@@ -248,7 +248,7 @@ def test_sigkill_mid_scoring_then_resume_repeats_no_finished_request(tmp_path, f
 
 def test_random_429_500_timeouts_and_garbage_every_score_accounted_for(tmp_path, fake_server, monkeypatch):
     from gem.interfaces import ImageDataset
-    from gem.pipeline import score_images
+    from gem.scoring import score_images
     from gem_plugins.openai_oracle import OpenAIOracle, OpenAIOracleOptions
 
     monkeypatch.setenv("GEM_FAULT_KEY", KEY)

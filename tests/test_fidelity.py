@@ -8,8 +8,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from gem.fidelity import fid, fid_from_features, fidelity_metrics, kid, kid_from_features, load_feature_extractor, ssim
-from gem.metrics import mse, psnr
+from gem.fidelity import fid, fid_from_features, kid, kid_from_features, load_feature_extractor, ssim
 
 # Two Gaussians in a 4-D "feature space"; the test controls the feature distribution by using an
 # extractor that returns its input.
@@ -170,19 +169,6 @@ def test_missing_inception_says_what_to_install(images):
         pytest.skip("torch-fidelity is installed")
     with pytest.raises(ModuleNotFoundError, match=r"pip install torch-fidelity.*feature_extractor"):
         fid(*images)
-
-
-def test_fidelity_metrics_one_pass(images):
-    real, fake = images
-    out = fidelity_metrics(real, fake, feature_extractor=SmallConv(), subsets=3, subset_size=10)
-    assert set(out) == {"mse", "psnr", "ssim", "fid", "kid_mean", "kid_std", "kid_subset_size"}
-    real_f, fake_f = real.astype(np.float64) / 255, fake.astype(np.float64) / 255
-    assert out["mse"] == pytest.approx(mse(real_f, fake_f), rel=1e-6)   # images go through float32
-    assert out["psnr"] == pytest.approx(psnr(real_f, fake_f), rel=1e-6)
-    assert out["ssim"] == pytest.approx(ssim(real, fake), abs=1e-6)
-    assert out["fid"] == pytest.approx(fid(real, fake, feature_extractor=SmallConv()), rel=1e-9)
-    unpaired = fidelity_metrics(real, fake[:10], feature_extractor=SmallConv(), subsets=3, subset_size=10)
-    assert "ssim" not in unpaired and "fid" in unpaired
 
 
 def test_fid_accepts_iterables_of_batches(images):

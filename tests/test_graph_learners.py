@@ -84,6 +84,17 @@ def test_anchor_penalty_pulls_back_and_bootstrap_moves_anchor():
     torch.testing.assert_close(graph.anchor, expected)
 
 
+@pytest.mark.parametrize("every", [0, -3])
+def test_anchor_every_below_one_is_rejected_naming_the_key(registry, every):
+    from gem.recipe import RecipeError, validate_recipe
+
+    with pytest.raises(ValueError, match=rf"anchor_every must be >= 1, got {every}"):
+        GCNGraphOptions(anchor_every=every)
+    with pytest.raises(RecipeError, match=r"recipe key 'graph'.*anchor_every must be >= 1"):
+        validate_recipe({"graph": {"plugin": "gcn", "anchor_every": every}}, registry)
+    assert GCNGraphOptions(anchor_every=1).anchor_every == 1
+
+
 def test_fixed_and_identity_graphs():
     fixed = FixedGraph(FixedGraphOptions(scale=0.5), _context(3))
     fixed.set_anchor(S)

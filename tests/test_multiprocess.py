@@ -67,7 +67,8 @@ SYNC_SCRIPT = textwrap.dedent("""
     from gem.plugins import Registry, make_plugin_manager
     from gem.recipe import TrainingOptions
     from gem.relations import RelationModel
-    from gem.training import Trainer, make_accelerator
+    from gem.context import make_accelerator
+    from gem.training import Trainer
 
     opts = TrainingOptions(steps=6, batch_size=8, warmup_steps=0, log_every=3, cpu=True,
                            gradient_accumulation_steps={accumulate})
@@ -87,9 +88,9 @@ SYNC_SCRIPT = textwrap.dedent("""
     images = np.random.default_rng(0).integers(0, 255, (64, 32, 32, 3), dtype=np.uint8)
     trainer = Trainer(model, relation, images, np.arange(64), opts, 0, acc)
     seen = []
-    trainer.model.encoder.register_forward_hook(lambda m, a, o: seen.append(float(a[0].sum())))
+    trainer.extractor.encoder.register_forward_hook(lambda m, a, o: seen.append(float(a[0].sum())))
     trainer.fit(6)
-    params = list(trainer.model.parameters()) + list(trainer.relate.parameters())
+    params = list(trainer.extractor.parameters()) + list(trainer.relation.parameters())
     flat = torch.cat([p.detach().flatten() for p in params])
     report = {{"rank": acc.process_index, "sum": float(flat.double().sum()), "abs": float(flat.double().abs().sum()),
               "moved": float((flat[:len(start)] - start).abs().max()), "first_batch": seen[0]}}

@@ -11,7 +11,7 @@ import pytest
 from fake_openai import FakeOpenAI, closed_port_url, decode_data_url, request_parts
 
 from gem.interfaces import BuildContext, ImageDataset
-from gem.pipeline import score_images
+from gem.scoring import score_images
 from gem.plugins import Registry, make_plugin_manager
 from gem.recipe import RecipeError, validate_recipe
 from gem_plugins import openai_oracle

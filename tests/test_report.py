@@ -1,4 +1,4 @@
-"""Tests for gem.report (figures, Markdown/HTML report) and gem.io (atomic writes, JSON)."""
+"""Tests for gem.figures, gem.report (Markdown/HTML report, text tables) and gem.io (atomic writes, JSON)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,8 @@ import pytest
 from PIL import Image
 
 from gem.io import atomic_save_figure, atomic_write_bytes, atomic_write_text, write_json
-from gem.report import (
-    Report,
-    format_summary,
-    plot_impact_heatmap,
-    plot_loss_curves,
-    plot_relation_comparison,
-    plot_score_histogram,
-    plot_traversals,
-)
+from gem.figures import plot_impact_heatmap, plot_loss_curves, plot_relation_comparison, plot_score_histogram, plot_traversals
+from gem.report import Report, format_summary, text_table
 
 ATTRS6 = ["floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation"]
 
@@ -285,6 +278,19 @@ def test_format_summary():
     starts = {len(line) - len(line.split()[-1]) for line in lines}
     assert len(starts) == 1
     assert format_summary({}) == ""
+
+
+def test_text_table_aligns_and_formats_cells_once():
+    text = text_table([["mig", 0.123456, "ok"], ["dci", None, "long text"], ["sap", 12, ""]],
+                      header=["metric", "value", "note"])
+    assert text.splitlines() == [
+        "metric   value  note",
+        "------  ------  ---------",
+        "mig     0.1235  ok",
+        "dci        n/a  long text",
+        "sap         12",
+    ]
+    assert text_table([]) == ""
 
 
 # --------------------------------------------------------------------------- io

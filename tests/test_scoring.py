@@ -9,7 +9,7 @@ import yaml
 from fake_openai import FakeOpenAI
 from gem.cli import run_main
 from gem.interfaces import ImageDataset, RelationOracle
-from gem.pipeline import score_images
+from gem.scoring import score_images
 from gem.score_cache import ScoreCache, image_hash
 
 ATTRS = ["a", "b", "c"]

@@ -8,7 +8,8 @@ import pytest
 import scipy.stats
 
 from gem.interfaces import BuildContext, Ranking
-from gem_plugins.somersd import SomersDOptions, SomersDRanker, somers_d_matrix
+from gem.somers_d import somers_d_matrix
+from gem_plugins.somersd import SomersDOptions, SomersDRanker
 
 
 def scipy_matrix(scores):
@@ -223,3 +224,18 @@ def test_registered_as_ranker():
     assert factory is SomersDRanker and options is SomersDOptions and "row i independent" in description
     ranker = factory(options(bootstrap=0), context())
     assert ranker.rank(np.array([[0.0, 1.0], [1.0, 2.0]])).impact[0, 1] == 1.0
+
+
+def test_bootstrap_replicates_are_weighted_matrices():
+    from gem.somers_d import somers_d_bootstrap
+
+    scores = tied_scores(np.random.default_rng(14), n_rows=80)
+    replicates = somers_d_bootstrap(scores, 7, seed=3)
+    assert replicates.shape == (7, 5, 5)
+    counts = np.random.default_rng(3).multinomial(80, np.full(80, 1 / 80), size=7)
+    for b in range(7):
+        np.testing.assert_allclose(replicates[b], somers_d_matrix(scores, weights=counts[b]), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(replicates, somers_d_bootstrap(scores, 7, seed=3))
+    assert somers_d_bootstrap(scores, 0).shape == (0, 5, 5)
+    with pytest.raises(ValueError, match="n_boot"):
+        somers_d_bootstrap(scores, -1)

@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.stats
 
-try:
-    import gem_plugins.somersd  # noqa: F401
-except ImportError:  # the real module is written separately; stand in with scipy until it exists
-    def _somers_d_matrix(scores: np.ndarray) -> np.ndarray:
-        n = scores.shape[1]
-        out = np.zeros((n, n))
-        for i in range(n):
-            for j in range(n):
-                if np.ptp(scores[:, i]) and np.ptp(scores[:, j]):
-                    out[i, j] = scipy.stats.somersd(scores[:, i], scores[:, j]).statistic
-        return out
-
-    _stub = types.ModuleType("gem_plugins.somersd")
-    _stub.somers_d_matrix = _somers_d_matrix
-    sys.modules["gem_plugins.somersd"] = _stub
-
-from gem.interfaces import BuildContext, ImageDataset  # noqa: E402
-from gem_plugins import synthetic  # noqa: E402
-from gem_plugins.synthetic import (FACTOR_LEVELS, SyntheticOptions, build_synthetic,  # noqa: E402
-                                   render, sample_factors)
+from gem.interfaces import BuildContext, ImageDataset
+from gem_plugins import synthetic
+from gem_plugins.synthetic import FACTOR_LEVELS, SyntheticOptions, build_synthetic, render, sample_factors
 
 
 def _context(tmp_path: Path, seed: int = 0) -> BuildContext:

@@ -1,9 +1,10 @@
-"""Reading a finished run folder back: recipe, data set, trained models, scores and impact.
+"""A trained run, in memory or read back from its folder, and the files that hold it.
 
-:func:`load_run` rebuilds everything a run used from ``recipe.yaml`` through the same plugins
-(data set, extractor, graph learner), loads the weights of ``model.pt`` into them and recovers the
-run's split of the data set with :func:`split_indices`, the one function the pipeline also uses,
-so an evaluation after the fact sees exactly the images the run held out and scored.
+:class:`TrainedRun` is what evaluation takes: ``gem-run`` makes one from the models it has just
+trained, :func:`load_run` rebuilds one from a run folder through the same plugins (data set,
+extractor, graph learner) and the same split (:meth:`gem.context.RunContext.split`), so an
+evaluation after the fact sees exactly the models and images the run had. The scores.csv and
+impact.json readers and writers live here too, so each file has one definition.
 
 Relative paths in the recipe (``cache_dir``, a data set's ``root``) are resolved against the
 current directory, as they were when the run started: run ``gem eval`` from the same place.
@@ -12,22 +13,25 @@ current directory, as they were when the run started: run ``gem eval`` from the 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import yaml
 
-from gem.interfaces import BuildContext, Extractor, ImageDataset
+from gem.context import RunContext, Split
+from gem.interfaces import Extractor, ImageDataset, Ranking
+from gem.io import atomic_write_text, write_json
 from gem.plugins import Registry, make_plugin_manager
 from gem.recipe import Recipe, validate_recipe
 from gem.relations import RelationModel
 
-__all__ = ["RUN_FILES", "RunFolderError", "LoadedRun", "split_indices", "read_scores", "read_impact", "load_run"]
-
+__all__ = ["RUN_FILES", "RunFolderError", "TrainedRun", "read_scores", "write_scores", "read_impact",
+           "impact_record", "write_impact", "load_run"]
 #: What a finished run folder must hold for :func:`load_run`.
 RUN_FILES = ("recipe.yaml", "model.pt", "scores.csv", "impact.json")
 
@@ -36,58 +40,41 @@ class RunFolderError(FileNotFoundError):
     """The folder is not a finished gem run; the message names what is missing."""
 
 
-def split_indices(recipe: Recipe, dataset: ImageDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The run's split of the data set: ``(train_idx, eval_idx, scored_idx)``.
-
-    * ``eval_idx``: the last ``min(evaluation.n_images, N // 5)`` images, held out of training;
-    * ``train_idx``: every image before them;
-    * ``scored_idx``: the images the oracle scores: the first ``scoring.n_images`` training
-      images, or, when the data set has ``sample_weights`` (correlated sampling), as many drawn
-      with replacement from the training images in proportion to the weights with
-      ``numpy.random.default_rng(recipe.seed)``, sorted.
-    """
-    n_eval = min(recipe.evaluation.n_images, len(dataset) // 5)
-    train_idx = np.arange(len(dataset) - n_eval)
-    eval_idx = np.arange(len(dataset) - n_eval, len(dataset))
-    n_scored = min(recipe.scoring.n_images, len(train_idx))
-    if dataset.sample_weights is None:
-        scored_idx = np.arange(n_scored)
-    else:
-        # Correlated sampling: the oracle sees images drawn as training draws them.
-        weights = np.asarray(dataset.sample_weights, dtype=float)[train_idx]
-        rng = np.random.default_rng(recipe.seed)
-        scored_idx = np.sort(rng.choice(train_idx, size=n_scored, replace=True, p=weights / weights.sum()))
-    return train_idx, eval_idx, scored_idx
-
-
 @dataclass
-class LoadedRun:
-    """Everything :func:`load_run` rebuilt from a run folder.
+class TrainedRun:
+    """A trained extractor and relation graph with the data, split and scores they came from.
 
-    ``extractor`` and ``relation`` are in eval mode on ``device``; ``scores`` are the rows of
-    scores.csv (NaN = missing) for the images ``score_indices`` (the indices scores.csv names,
-    equal to ``scored_idx`` unless the folder was edited; ``notes`` says when they differ);
-    ``impact`` is impact.json with its matrices as float arrays (None where absent);
-    ``metrics`` is metrics.json ({} when the run has none yet).
+    ``scores`` are the oracle's scores (NaN = missing) of the images ``score_indices`` (equal to
+    ``split.scored`` unless a run folder was edited; ``notes`` says when they differ);
+    ``impact`` is :func:`impact_record`'s dict (oracle S with its interval, learned A, true
+    impact, as float arrays or None).
     """
 
-    run_dir: Path
-    recipe: Recipe
-    registry: Registry
+    context: RunContext
     dataset: ImageDataset
     extractor: Extractor
     relation: RelationModel
-    attributes: list[str]
-    train_idx: np.ndarray
-    eval_idx: np.ndarray
-    scored_idx: np.ndarray
+    split: Split
     score_indices: np.ndarray
     scores: np.ndarray
     impact: dict[str, Any]
-    metrics: dict[str, Any]
-    device: torch.device
-    context: BuildContext
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.context.run_dir
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.context.recipe
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.context.device)
+
+    @property
+    def attributes(self) -> list[str]:
+        return list(self.dataset.attributes)
 
     @property
     def learned_adjacency(self) -> np.ndarray:
@@ -108,6 +95,27 @@ def _check_run_folder(run_dir: Path) -> None:
                              f"{', '.join(RUN_FILES)})")
 
 
+def write_scores(path: Union[str, Path], indices: np.ndarray, attributes: Sequence[str], scores: np.ndarray,
+                 labels: Optional[np.ndarray] = None) -> Path:
+    """Write a scores.csv: one row per image, its index then its score of each attribute (empty
+    for missing, written so that it reads back as the same float); with ``labels`` also each
+    attribute's label, in columns ``"<attribute> (label)"``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["image", *attributes, *([f"{a} (label)" for a in attributes] if labels is not None else [])])
+    for r, (index, row) in enumerate(zip(indices, scores)):
+        truth = [int(v) for v in labels[r]] if labels is not None else []
+        writer.writerow([int(index), *(_score_cell(v) for v in row), *truth])
+    return atomic_write_text(Path(path), buf.getvalue())
+
+
+def _score_cell(value: float) -> str:
+    if np.isnan(value):
+        return ""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 def read_scores(path: Union[str, Path], attributes: Optional[list[str]] = None) -> tuple[np.ndarray, np.ndarray]:
     """``(indices, scores)`` from a scores.csv; empty cells are NaN. Checks the header."""
     path = Path(path)
@@ -115,22 +123,46 @@ def read_scores(path: Union[str, Path], attributes: Optional[list[str]] = None) 
         rows = list(csv.reader(handle))
     if not rows or not rows[0] or rows[0][0] != "image":
         raise ValueError(f"{path}: not a gem scores file (the header must start with 'image')")
-    header = rows[0][1:]
+    header = [h for h in rows[0][1:] if not h.endswith(" (label)")]
     if attributes is not None and list(header) != list(attributes):
         raise ValueError(f"{path}: columns {header} differ from the data set's attributes {list(attributes)}")
+    width = len(rows[0])
     body = [row for row in rows[1:] if row]
     indices = np.array([int(row[0]) for row in body], dtype=np.int64)
     scores = np.full((len(body), len(header)), np.nan)
     for r, row in enumerate(body):
-        if len(row) != len(header) + 1:
-            raise ValueError(f"{path}: row {r + 2} has {len(row)} cells, expected {len(header) + 1}")
-        for c, cell in enumerate(row[1:]):
+        if len(row) != width:
+            raise ValueError(f"{path}: row {r + 2} has {len(row)} cells, expected {width}")
+        for c, cell in enumerate(row[1:1 + len(header)]):
             if cell.strip():
                 scores[r, c] = float(cell)
     return indices, scores
 
 
 _MATRICES = ("oracle_impact", "ci_low", "ci_high", "learned_adjacency", "true_impact")
+
+
+def impact_record(attributes: Sequence[str], ranking: Ranking, learned: np.ndarray,
+                  true_impact: Optional[np.ndarray]) -> dict[str, Any]:
+    """What impact.json holds: the oracle's S with its interval, the learned A and the true impact."""
+    return {"attributes": list(attributes), "oracle_impact": ranking.impact, "ci_low": ranking.ci_low,
+            "ci_high": ranking.ci_high, "learned_adjacency": learned, "true_impact": true_impact,
+            "images_used": ranking.n_used, "notes": list(ranking.notes)}
+
+
+def write_impact(run_dir: Path, impact: dict[str, Any]) -> None:
+    """impact.json, and impact.csv with one row per edge (source, target) for spreadsheets."""
+    write_json(run_dir / "impact.json", impact)
+    attrs = impact["attributes"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["source", "target", "oracle_impact", "ci_low", "ci_high", "learned", "true"])
+    for i, a in enumerate(attrs):
+        for j, b in enumerate(attrs):
+            cells = [np.nan if impact[key] is None else impact[key][i][j]
+                     for key in ("oracle_impact", "ci_low", "ci_high", "learned_adjacency", "true_impact")]
+            writer.writerow([a, b, *("" if np.isnan(c) else f"{c:.6f}" for c in cells)])
+    atomic_write_text(run_dir / "impact.csv", buf.getvalue())
 
 
 def read_impact(path: Union[str, Path]) -> dict[str, Any]:
@@ -144,16 +176,6 @@ def read_impact(path: Union[str, Path]) -> dict[str, Any]:
     return impact
 
 
-def _default_accelerator(recipe: Recipe):
-    from accelerate import Accelerator
-
-    try:
-        return Accelerator(cpu=recipe.training.cpu, mixed_precision=recipe.training.mixed_precision)
-    except ValueError:
-        # accelerate keeps one state per process: reuse the one already set up.
-        return Accelerator()
-
-
 def _load_state(module: torch.nn.Module, state: Any, what: str, path: Path) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: the {what!r} entry is not a state dict")
@@ -165,17 +187,15 @@ def _load_state(module: torch.nn.Module, state: Any, what: str, path: Path) -> N
                          f"({' '.join(first[:3])})") from None
 
 
-def load_run(run_dir: Union[str, Path], registry: Optional[Registry] = None, *, accelerator: Any = None,
-             device: Any = None) -> LoadedRun:
+def load_run(run_dir: Union[str, Path], registry: Optional[Registry] = None, *, accelerator: Any = None) -> TrainedRun:
     """Rebuild a finished run from its folder.
 
     Parameters
     ----------
     run_dir : the run folder (needs recipe.yaml, model.pt, scores.csv and impact.json)
     registry : plugins to build with; default ``Registry(make_plugin_manager())``
-    accelerator : handed to plugins in the BuildContext; default an ``Accelerator`` set up as the
-        recipe's ``training.cpu`` / ``mixed_precision`` say (or the process's existing one)
-    device : where the models go; default the accelerator's device
+    accelerator : where the models go and what plugins receive; default one made as the recipe's
+        ``training`` section says (:func:`gem.context.make_accelerator`)
 
     Raises
     ------
@@ -188,21 +208,10 @@ def load_run(run_dir: Union[str, Path], registry: Optional[Registry] = None, *, 
     data = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{run_dir / 'recipe.yaml'}: not a recipe mapping")
-    recipe = validate_recipe(data, registry)
-    acc = accelerator if accelerator is not None else _default_accelerator(recipe)
-    dev = torch.device(device) if device is not None else torch.device(getattr(acc, "device", "cpu"))
-    context = BuildContext(seed=recipe.seed, run_dir=run_dir, cache_dir=Path(recipe.cache_dir), accelerator=acc)
-    context.cache_dir.mkdir(parents=True, exist_ok=True)
-
-    def build(stage: str) -> Any:
-        return registry.get(stage, recipe.plugin_name(stage)).build(recipe.plugin_options[stage], context)
-
-    dataset: ImageDataset = build("dataset")
-    if len(dataset) == 0 or not dataset.attributes:
-        raise ValueError(f"data set {recipe.plugin_name('dataset')!r} has no images or no attributes")
-    context.dataset, context.attributes = dataset, list(dataset.attributes)
+    context = RunContext.open(validate_recipe(data, registry), registry, run_dir, accelerator)
+    dataset = context.load_dataset()
     attributes = list(dataset.attributes)
-    train_idx, eval_idx, scored_idx = split_indices(recipe, dataset)
+    split = context.split(dataset)
 
     path = run_dir / "model.pt"
     try:
@@ -217,26 +226,22 @@ def load_run(run_dir: Union[str, Path], registry: Optional[Registry] = None, *, 
                          f"recipe.yaml builds has {attributes}")
 
     impact = read_impact(run_dir / "impact.json")
-    extractor: Extractor = build("extractor")
-    graph = build("graph")
+    extractor: Extractor = context.build("extractor")
+    graph = context.build("graph")
     if impact["oracle_impact"] is not None:
         graph.set_anchor(torch.as_tensor(impact["oracle_impact"], dtype=torch.float32))
     relation = RelationModel(graph, len(attributes))
     _load_state(extractor, saved["extractor"], "extractor", path)
     _load_state(relation, saved["relation"], "relation", path)
-    extractor.to(dev).eval()
-    relation.to(dev).eval()
+    extractor.to(context.device).eval()
+    relation.to(context.device).eval()
 
     notes: list[str] = []
     score_indices, scores = read_scores(run_dir / "scores.csv", attributes)
-    if not np.array_equal(score_indices, scored_idx):
-        notes.append(f"scores.csv names {len(score_indices)} images that differ from the {len(scored_idx)} the "
+    if not np.array_equal(score_indices, split.scored):
+        notes.append(f"scores.csv names {len(score_indices)} images that differ from the {len(split.scored)} the "
                      "recipe's split selects; its own image indices are used")
     if len(score_indices) and (score_indices.min() < 0 or score_indices.max() >= len(dataset)):
         raise ValueError(f"{run_dir / 'scores.csv'}: image indices outside the data set's 0..{len(dataset) - 1}")
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    return LoadedRun(run_dir=run_dir, recipe=recipe, registry=registry, dataset=dataset, extractor=extractor,
-                     relation=relation, attributes=attributes, train_idx=train_idx, eval_idx=eval_idx,
-                     scored_idx=scored_idx, score_indices=score_indices, scores=scores, impact=impact,
-                     metrics=metrics, device=dev, context=context, notes=notes)
+    return TrainedRun(context=context, dataset=dataset, extractor=extractor, relation=relation, split=split,
+                      score_indices=score_indices, scores=scores, impact=impact, notes=notes)
