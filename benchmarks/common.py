@@ -26,7 +26,7 @@ class Row:
     """One comparison: ours vs the reference, their ratio and the target it must meet.
 
     ``ratio`` is always "how many times better ours is" in the sense of ``ratio_meaning``;
-    ``met`` is None when the issue sets no target (ratio only).
+    ``met`` is None when there is no target (ratio only).
     """
 
     name: str

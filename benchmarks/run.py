@@ -1,11 +1,11 @@
-"""Run gem's benchmark suite (issue 7): each comparison in this process, a table, a JSON file.
+"""Run gem's benchmark suite: each comparison in this process, a table, a JSON file.
 
     python benchmarks/run.py                      # every comparison, full sizes
     python benchmarks/run.py --quick              # small sizes (minutes; figures are not the targets')
     python benchmarks/run.py --only somersd --only oracle --out /tmp/bench.json
 
 Each row is "ours vs the reference, same machine, same run": the two figures, their ratio, the
-target from the issue and whether it is met. Every row records the thread settings and the load
+target and whether it is met. Every row records the thread settings and the load
 average when it started, because numbers taken on a busy machine are contended.
 """
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _benchmarks() -> dict[str, Callable[[bool], Row]]:
-    """Name -> benchmark function, in the issue's order (imported lazily: torch is slow to import)."""
+    """Name -> benchmark function, in the table's order (imported lazily: torch is slow to import)."""
     from bench_data import bench_data, bench_loader_step
     from bench_llava import bench_llava
     from bench_memory import bench_memory_celeba, bench_memory_run
@@ -53,7 +53,7 @@ def _benchmarks() -> dict[str, Callable[[bool], Row]]:
     }
     import torch
 
-    if torch.cuda.is_available():  # the issue asks for GPU figures of 2 and 5 where a GPU is lent
+    if torch.cuda.is_available():  # GPU figures of 2 and 5 where a GPU is present
         table["training_step_cuda"] = lambda quick: bench_training(quick, device="cuda")
         table["llava_cuda"] = lambda quick: bench_llava(quick, device="cuda")
     return table
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
     if args.quick:
-        print("--quick: small sizes; the 'met' column is not the verdict on the issue's targets\n")
+        print("--quick: small sizes; the 'met' column is not the verdict on the targets\n")
     print(format_table(rows))
     print(f"\nwritten to {args.out}")
     return 1 if any("error" in r for r in rows) else 0

@@ -103,7 +103,7 @@ VARIANTS: dict[str, Variant] = {
                          _joint_capacity_over_run),
     "rf_vae": _flat("rf_vae", "RF-VAE, γ = η = 6.4, λ(r) from 10 to 0.1 (Kim et al. 2019)"),
     "ivae": _flat("ivae", "iVAE, prior variance from the labels u (Khemakhem et al. 2020); uses labels"),
-    "ivae_ddpm": _flat("ivae_ddpm", "iVAE + DDPM, λ_rec = 0.1, λ_KL = 5e-4, CPU-sized U-Net (papers/003); uses labels",
+    "ivae_ddpm": _flat("ivae_ddpm", "iVAE + DDPM, λ_rec = 0.1, λ_KL = 5e-4, CPU-sized U-Net (Kühne & Zemann 2023/24); uses labels",
                        **CPU_UNET),
     "dear": _flat("dear", "DEAR, linear SCM prior, λ_sup = 5, its own learning rates (Shen et al. 2022); uses labels",
                   lr=5e-5),
@@ -122,11 +122,11 @@ VARIANTS: dict[str, Variant] = {
 }
 
 #: Methods ``gem compare`` runs unless ``--methods`` says otherwise: every variant but DisDiff, whose
-#: 1 + n U-Net passes per step take about 1.7 s on 2 CPU cores (run it with ``--methods disdiff``).
+#: 1 + n U-Net passes per step make it too slow for a CPU (run it with ``--methods disdiff``).
 DEFAULT_METHODS: list[str] = [name for name in VARIANTS if name != "disdiff"]
 
 #: What ``gem compare`` changes in the base recipe unless told otherwise: a run length that fits
-#: 12 methods x 3 seeds of the default synthetic data into an hour on 2 CPU cores.
+#: every default method x 3 seeds of the default synthetic data into about an hour on a small CPU.
 COMPARE_DEFAULTS = {"training": {"steps": 2000, "warmup_steps": 600}}
 
 #: Evaluation settings of each run (cheaper than ``gem eval``'s reference ones; see the README).

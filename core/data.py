@@ -17,7 +17,7 @@ Correlated sampling
     factor classes are scaled to [0, 1] and every image gets the weight
     ``prod over pairs (i, j) of exp(-(c_i - c_j)^2 / (2 sigma^2))`` (``1 - c_j`` for an inverse
     pair); training draws images with replacement in proportion to the weights
-    (``ImageDataset.sample_weights``). See :func:`correlated_weights` and :func:`plan_correlation`.
+    (``ImageDataset.sample_weights``). See :func:`sampling_probabilities` and :func:`plan_correlation`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ __all__ = [
     "cache_file",
     "cache_info",
     "center_square_box",
-    "correlated_weights",
     "crop_resize",
     "find_images",
     "open_rgb",
@@ -476,25 +475,6 @@ def cache_info(path: Union[str, Path], n_sources: int, cached: CachedImages) -> 
 # Correlated sampling
 
 
-def correlated_weights(factors01: np.ndarray, pairs: Sequence[Sequence[Any]], sigma: float) -> np.ndarray:
-    """Per-image sampling weights that correlate factor pairs (Träuble et al.; Roth et al., HFS).
-
-    Parameters
-    ----------
-    factors01 : float array (N, K), every factor scaled to [0, 1] (``class / (levels - 1)``).
-    pairs : ``(i, j)`` or ``(i, j, "inverse")`` column indices (an ``inverse`` pair, or a third
-        item that is True, ties ``c_i`` to ``1 - c_j``).
-    sigma : pair width; smaller is stronger (presets: :data:`CORRELATION_PRESETS`).
-
-    Returns
-    -------
-    float64 array (N,): ``prod over pairs exp(-(c_i - c_j)^2 / (2 sigma^2))``, exactly (not
-    normalised; every weight is in (0, 1], 1 when no pair is given). Use
-    :func:`sampling_probabilities` for probabilities that do not underflow.
-    """
-    return np.exp(_log_weights(factors01, pairs, sigma))
-
-
 def _log_weights(factors01: np.ndarray, pairs: Sequence[Sequence[Any]], sigma: float) -> np.ndarray:
     c = np.asarray(factors01, dtype=np.float64)
     if c.ndim != 2:
@@ -511,7 +491,20 @@ def _log_weights(factors01: np.ndarray, pairs: Sequence[Sequence[Any]], sigma: f
 
 
 def sampling_probabilities(factors01: np.ndarray, pairs: Sequence[Sequence[Any]], sigma: float) -> np.ndarray:
-    """:func:`correlated_weights` normalised to sum to 1, computed in log space (no underflow)."""
+    """Per-image sampling probabilities that correlate factor pairs (Träuble et al.; Roth et al., HFS).
+
+    Parameters
+    ----------
+    factors01 : float array (N, K), every factor scaled to [0, 1] (``class / (levels - 1)``).
+    pairs : ``(i, j)`` or ``(i, j, "inverse")`` column indices (an ``inverse`` pair, or a third
+        item that is True, ties ``c_i`` to ``1 - c_j``).
+    sigma : pair width; smaller is stronger (presets: :data:`CORRELATION_PRESETS`).
+
+    Returns
+    -------
+    float64 array (N,) summing to 1, proportional to
+    ``prod over pairs exp(-(c_i - c_j)^2 / (2 sigma^2))``, computed in log space (no underflow).
+    """
     log_w = _log_weights(factors01, pairs, sigma)
     w = np.exp(log_w - log_w.max())
     return w / w.sum()
@@ -646,10 +639,6 @@ class CorrelationPlan:
     preset: Optional[str]
     confounder: Optional[str]
     factor_names: tuple[str, ...]
-
-    def pair_names(self) -> list[list[Any]]:
-        return [[self.factor_names[i], self.factor_names[j], *(["inverse"] if inv else [])]
-                for i, j, inv in self.pairs]
 
     def probabilities(self, classes: np.ndarray, levels: Sequence[int]) -> np.ndarray:
         """Sampling probabilities (N,) of images with factor classes (N, K) of the given levels."""

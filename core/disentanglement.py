@@ -304,9 +304,7 @@ def dci(codes: Any, factors: Any, *, n_train: int = 10000, n_test: int = 5000, s
     n_jobs : factors fitted in parallel (joblib processes; -1 = all cores); 1 fits them one after
         another. The result does not depend on it; it only pays off with idle cores.
 
-    Runtime: at 10,000 / 5,000 points, 6 factors (10, 10, 10, 8, 10, 4 classes) and 10 codes,
-    DCI took about 140 s of CPU time (150 s wall on 2 shared cores); every other metric of
-    :func:`compute_disentanglement` together took about 2 s.
+    DCI is by far the slowest metric (docs/design.md, "Evaluation sizes", has measured times).
 
     Returns
     -------

@@ -249,7 +249,7 @@ def _reconstruction_and_fidelity(run: TrainedRun, notes: list[str], *, want_reco
     """One pass over the held-out images: reconstruction metrics and, with ``net``, their features."""
     from gem import fidelity
 
-    ext, rel, dev = run.extractor, run.relation, run.device
+    ext, relation, dev = run.extractor, run.relation, run.device
     idx = np.sort(run.split.held_out)
     n_fid = len(idx) if fid_images is None else min(int(fid_images), len(idx))
     if not want_reconstruction:
@@ -262,7 +262,7 @@ def _reconstruction_and_fidelity(run: TrainedRun, notes: list[str], *, want_reco
     for start in range(0, len(idx), batch_size):
         t0 = time.perf_counter()
         x = to_float(torch.from_numpy(np.asarray(run.dataset.images[idx[start:start + batch_size]]))).to(dev)
-        recon = ext.decode(rel(ext.encode(x)[0])).float().clamp(0, 1)
+        recon = ext.decode(relation(ext.encode(x)[0])).float().clamp(0, 1)
         if want_reconstruction:
             sq += float((recon.double() - x.double()).pow(2).sum())
             count += x.numel()
@@ -272,7 +272,7 @@ def _reconstruction_and_fidelity(run: TrainedRun, notes: list[str], *, want_reco
         take = min(len(x), n_fid - start)
         if net is not None and take > 0:
             z = torch.randn(take, ext.latent_dim, generator=generator).to(dev)
-            samples = ext.decode(rel(z)).float().clamp(0, 1)
+            samples = ext.decode(relation(z)).float().clamp(0, 1)
             feats["real"].append(fidelity.extract_features(x[:take], net, device=dev))
             feats["recon"].append(fidelity.extract_features(recon[:take], net, device=dev))
             feats["samples"].append(fidelity.extract_features(samples, net, device=dev))

@@ -78,20 +78,6 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _saved_scores(state: Optional[dict], run_dir: Path, scored_idx: np.ndarray,
-                  attributes: list[str]) -> Optional[tuple[np.ndarray, dict[str, Any]]]:
-    """Scores a resumed run already has: the checkpoint's, else the run folder's scores.csv."""
-    extra = state.get("extra", {}) if state is not None else {}
-    if "scores" in extra and np.array_equal(extra["scored_idx"].numpy(), scored_idx):
-        return extra["scores"].numpy().astype(float), dict(extra.get("oracle_counters", {}))
-    path = run_dir / "scores.csv"
-    if path.is_file():
-        indices, scores = read_scores(path, attributes)
-        if np.array_equal(indices, scored_idx):
-            return scores, {}
-    return None
-
-
 def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path, accelerator: Any = None, resume: bool = False,
                eval_metrics: Optional[Sequence[str]] = None, eval_settings: EvalSettings = END_OF_RUN) -> RunResult:
     """Run every stage of a validated recipe and write the run folder.

@@ -51,6 +51,11 @@ class GemVAEOptions(VAEOptions):
         if self.disc_channels < 1 or self.disc_downsample < 1 or self.adversarial_pairs < 0:
             raise ValueError("disc_channels and disc_downsample must be >= 1 and adversarial_pairs >= 0, got "
                              f"{self.disc_channels}, {self.disc_downsample}, {self.adversarial_pairs}")
+        pooled = self.image_size // self.disc_downsample
+        if self.image_size % self.disc_downsample or pooled < 16 or pooled & (pooled - 1):
+            raise ValueError(f"disc_downsample {self.disc_downsample} pools image_size {self.image_size} to "
+                             f"{self.image_size / self.disc_downsample:g} pixels; the discriminator needs a power of "
+                             f"two >= 16: use disc_downsample 1" + (" or 2" if self.image_size >= 32 else ""))
         check_ranges(self, non_negative=("beta", "lambda_adv", "lambda_dis"))
 
 

@@ -206,3 +206,12 @@ def test_gem_adversarial_every_k_steps(registry, tmp_path):
     assert with_term == [True, False, False, True, False, False]
     with pytest.raises(ValueError, match="adversarial_every must be >= 1"):
         reg.options(adversarial_every=0)
+
+
+def test_gem_rejects_a_discriminator_pooling_that_leaves_too_few_pixels():
+    from gem_plugins.gem_vae import GemVAEOptions
+
+    with pytest.raises(ValueError, match=r"disc_downsample 2 pools image_size 16 to 8 pixels.*use disc_downsample 1$"):
+        GemVAEOptions(image_size=16)
+    assert GemVAEOptions(image_size=16, disc_downsample=1).disc_downsample == 1
+    assert GemVAEOptions(image_size=32).disc_downsample == 2

@@ -33,12 +33,8 @@ from gem.data import MissingDataError
 from gem.interfaces import BuildContext, ImageDataset
 from gem.plugins import Registry, make_plugin_manager
 from gem.relations import RelationModel
+from gem.labels import auxiliary_variable
 from gem.training import run_step
-
-try:
-    from gem.labels import auxiliary_variable
-except ImportError:  # before the labels module existed
-    from gem.training import auxiliary_variable
 
 _REGISTRY = Registry(make_plugin_manager())
 EXTRACTORS = _REGISTRY.names("extractor")

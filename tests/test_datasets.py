@@ -17,7 +17,7 @@ from data_fixtures import (BACKGROUND, CELEBA_SIZE, FACE_COLOURS, expected_face_
                            write_celeba, write_dsprites, write_image_folder, write_lsun_lmdb, write_shapes3d)
 from gem import hookimpl
 from gem.data import (CORRELATION_PRESETS, MissingDataError, build_image_cache, cache_file,
-                      correlated_weights, plan_correlation)
+                      plan_correlation)
 from gem.interfaces import BuildContext, RelationOracle
 from gem.plugins import Registry, make_plugin_manager
 from gem.recipe import RecipeError, apply_overrides, load_recipe_file, validate_recipe
@@ -496,15 +496,26 @@ def test_image_folder_errors(tmp_path):
 # Correlated sampling
 
 
-def test_correlated_weights_by_hand():
+def correlated_weights(c: np.ndarray, pairs, sigma: float) -> np.ndarray:
+    """The closed form: prod over pairs exp(-(c_i - c_j)^2 / (2 sigma^2)), c_j -> 1 - c_j when inverse."""
+    w = np.ones(len(c))
+    for pair in pairs:
+        target = 1 - c[:, pair[1]] if len(pair) > 2 else c[:, pair[1]]
+        w *= np.exp(-(c[:, pair[0]] - target) ** 2 / (2 * sigma ** 2))
+    return w
+
+
+def test_sampling_probabilities_by_hand():
     c = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.5], [0.5, 0.25, 0.0]])
     sigma = 0.5
-    w = correlated_weights(c, [(0, 1), (1, 2, "inverse")], sigma)
+    p = gdata.sampling_probabilities(c, [(0, 1), (1, 2, "inverse")], sigma)
     # image 0: exp(-(0-0)^2/0.5) * exp(-(0-(1-1))^2/0.5) = 1
     # image 1: exp(-1/0.5) * exp(-(1-0.5)^2/0.5) = exp(-2) * exp(-0.5)
     # image 2: exp(-0.0625/0.5) * exp(-(0.25-1)^2/0.5) = exp(-0.125) * exp(-1.125)
-    np.testing.assert_allclose(w, [1.0, np.exp(-2.5), np.exp(-1.25)])
-    np.testing.assert_allclose(correlated_weights(c, [], sigma), 1.0)
+    w = np.array([1.0, np.exp(-2.5), np.exp(-1.25)])
+    np.testing.assert_allclose(p, w / w.sum())
+    np.testing.assert_allclose(correlated_weights(c, [(0, 1), (1, 2, "inverse")], sigma), w)
+    np.testing.assert_allclose(gdata.sampling_probabilities(c, [], sigma), 1 / 3)
     p = gdata.sampling_probabilities(c, [(0, 1)], 0.001)  # would underflow without log space
     assert np.isfinite(p).all() and np.isclose(p.sum(), 1)
 
@@ -530,7 +541,7 @@ def test_presets_make_the_sampled_pair_correlated(preset):
     classes, levels = _grid()
     names = ["a", "b", "c"]
     plan = plan_correlation(_Corr(correlation=preset), names, default_pairs=[["a", "b"]])
-    assert plan.sigma == CORRELATION_PRESETS[preset] and plan.pair_names() == [["a", "b"]]
+    assert plan.sigma == CORRELATION_PRESETS[preset] and plan.pairs == ((0, 1, False),)
     rng = np.random.default_rng(0)
     drawn = classes[rng.choice(len(classes), size=4000, p=plan.probabilities(classes, levels))]
     uniform = classes[rng.choice(len(classes), size=4000)]
@@ -548,7 +559,7 @@ def test_inverse_pair_and_confounder():
     drawn = classes[rng.choice(len(classes), 3000, p=inv.probabilities(classes, levels))]
     assert spearmanr(drawn[:, 0], drawn[:, 1]).statistic < -0.8
     conf = plan_correlation(_Corr(correlation="confounder", confounder="c"), names)
-    assert conf.pair_names() == [["c", "a"], ["c", "b"]] and conf.sigma == 0.1
+    assert conf.pairs == ((2, 0, False), (2, 1, False)) and conf.sigma == 0.1
     drawn = classes[rng.choice(len(classes), 3000, p=conf.probabilities(classes, levels))]
     assert spearmanr(drawn[:, 2], drawn[:, 0]).statistic > 0.5 and spearmanr(drawn[:, 2], drawn[:, 1]).statistic > 0.5
     assert plan_correlation(_Corr(), names) is None

@@ -1,6 +1,5 @@
 """gem.labels: the one label-scale rule, oracle-scale class scores, the true impact matrix, u for extractors."""
 
-import ast
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -94,20 +93,3 @@ def test_auxiliary_variable_errors_and_choices():
     unlabelled = ImageDataset(images=IMAGES, attributes=["a", "b"])
     with pytest.raises(ValueError, match=r"extractor 'ivae' learns from labels.*neither ground-truth factors"):
         auxiliary_variable(wants_labels, unlabelled, "ivae")
-
-
-def test_plugins_import_neither_the_training_loop_nor_a_ranker_plugin():
-    bad = []
-    for path in sorted((ROOT / "gem_plugins").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            else:
-                continue
-            if any(name == "gem.training" or name.startswith("gem.training.") for name in names):
-                bad.append(f"{path.name} imports gem.training")
-            if path.name != "somersd.py" and any(name.startswith("gem_plugins.somersd") for name in names):
-                bad.append(f"{path.name} imports the somersd ranker plugin")
-    assert not bad, bad

@@ -6,7 +6,6 @@ import sys
 import types
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 
 import gem
