@@ -106,11 +106,13 @@ def _run(args: argparse.Namespace) -> int:
     if main:
         print(f"gem {__version__}: {verb} recipe {recipe.name!r} into {run_dir}", file=sys.stderr)
     result = run_recipe(recipe, registry, run_dir, accelerator=accelerator, resume=args.resume is not None)
-    if accelerator is not None:
-        accelerator.end_training()  # without it one process may abort on exit
     if main:
         print(format_summary(result.summary))
         print(f"report: {run_dir / 'report.html'}")
+    if accelerator is not None:
+        from gem.context import leave_process_group
+
+        leave_process_group(accelerator)
     return 0
 
 

@@ -7,6 +7,8 @@ and the folders, with the data set and its split.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +20,8 @@ from gem.interfaces import BuildContext, ImageDataset
 from gem.plugins import Registry
 from gem.recipe import Recipe, TrainingOptions
 
-__all__ = ["DataError", "Split", "RunContext", "make_accelerator", "split_indices", "timestamped_folder"]
+__all__ = ["DataError", "Split", "RunContext", "make_accelerator", "leave_process_group", "split_indices",
+           "timestamped_folder"]
 
 
 class DataError(ValueError):
@@ -50,6 +53,17 @@ def make_accelerator(options: TrainingOptions) -> Any:
                            dataloader_config=DataLoaderConfiguration(split_batches=True))
     except ValueError:
         return Accelerator()
+
+
+def leave_process_group(accelerator: Any, exit_code: int = 0) -> None:
+    """End this process's part in a multi-process job: destroy the process group, flush the output
+    and exit at once. A normal interpreter shutdown after gloo's process group sometimes aborts
+    ("terminate called without an active exception": a C++ thread still joinable at exit), which
+    would fail a job whose work is done and written."""
+    accelerator.end_training()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def timestamped_folder(parent: Path, name: str) -> Path:

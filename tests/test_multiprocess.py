@@ -67,7 +67,7 @@ SYNC_SCRIPT = textwrap.dedent("""
     from gem.plugins import Registry, make_plugin_manager
     from gem.recipe import TrainingOptions
     from gem.relations import RelationModel
-    from gem.context import make_accelerator
+    from gem.context import leave_process_group, make_accelerator
     from gem.training import Trainer
 
     opts = TrainingOptions(steps=6, batch_size=8, warmup_steps=0, log_every=3, cpu=True,
@@ -97,7 +97,7 @@ SYNC_SCRIPT = textwrap.dedent("""
     everything = gather_object([report])
     if acc.is_main_process:
         print("REPORT " + json.dumps(everything))
-    acc.end_training()
+    leave_process_group(acc)
 """)
 
 
