@@ -137,27 +137,47 @@ COMPARE_EVAL: dict[str, Any] = {"metrics": ["disentanglement", "reconstruction",
 #: Table columns: (label, path in metrics.json with an optional ``*factor`` unit conversion,
 #: better: +1 higher / -1 lower, format).
 COLUMNS: list[tuple[str, str, int, str]] = [
-    ("MCC", "disentanglement.spearman_mcc", 1, "{:.3f}"),
-    ("MIG", "disentanglement.mig", 1, "{:.3f}"),
-    ("DCI-D", "disentanglement.dci_disentanglement", 1, "{:.3f}"),
-    ("FactorVAE", "disentanglement.factorvae_score", 1, "{:.3f}"),
-    ("BetaVAE", "disentanglement.betavae_score", 1, "{:.3f}"),
-    ("SAP", "disentanglement.sap", 1, "{:.3f}"),
+    *[(f"{label} {code_label}", f"disentanglement.{code}.{key}", 1, "{:.3f}")
+      for label, key in (("MCC", "spearman_mcc"), ("MIG", "mig"), ("DCI-D", "dci_disentanglement"),
+                         ("FactorVAE", "factorvae_score"))
+      for code, code_label in (("exogenous", "μ"), ("attribute", "Aᵀμ"))],
     ("PSNR dB", "reconstruction.psnr", 1, "{:.2f}"),
     ("|A−true| MAE", "relations.learned_vs_true.mae", -1, "{:.4f}"),
+    ("|S−true| MAE", "relations.oracle_vs_true.mae", -1, "{:.4f}"),
     ("sign agr.", "relations.learned_vs_true.sign_agreement", 1, "{:.2f}"),
     ("ms/step", "efficiency.seconds_per_step_median*1000", -1, "{:.1f}"),
     ("train s", "training.seconds", -1, "{:.0f}"),
 ]
 
 
-def _get(metrics: dict, path: str) -> Optional[float]:
-    path, _, factor = path.partition("*")
+#: What the two codes of the disentanglement columns are.
+CODES_NOTE = ("Disentanglement columns come in pairs: μ is the exogenous code (the encoder's means in bound "
+              "attribute order, each attribute's own part), Aᵀμ the attribute code the decoder reads (each "
+              "attribute with what its parents pass on through the learned graph); with the identity graph "
+              "of the flat baselines the two are the same.")
+#: What the factor sets mean.
+FACTOR_SET_NOTE = ("independent: images whose factors were drawn independently of each other, the protocol for "
+                   "data whose training factors are correlated; training: the data set's own images")
+
+
+def _lookup(metrics: dict, path: str) -> Any:
+    """The value at a dotted path of metrics.json, None where the path is missing."""
     node: Any = metrics
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:
             return None
         node = node[part]
+    return node
+
+
+def _get_text(metrics: dict, path: str) -> Optional[str]:
+    value = _lookup(metrics, path)
+    return value if isinstance(value, str) else None
+
+
+def _get(metrics: dict, path: str) -> Optional[float]:
+    path, _, factor = path.partition("*")
+    node = _lookup(metrics, path)
     if not isinstance(node, (int, float)) or isinstance(node, bool) or not math.isfinite(node):
         return None
     return float(node) * (float(factor) if factor else 1.0)
@@ -335,9 +355,13 @@ def write_outputs(out: Path, records: Sequence[RunRecord], methods: Sequence[str
     figure = plot_comparison(rows, COLUMNS, out / "figures" / "comparison.png")
     described = "\n".join(f"- **{m}**: {variants[m].description}" for m in methods)
     failures = "\n".join(f"- {r.variant} seed {r.seed}: {r.error}" for r in records if r.status == "failed")
+    factor_sets = sorted({_get_text(r.metrics, "disentanglement.evaluation.factor_set") for r in records
+                          if r.status in ("done", "reused")} - {None})
     report = (f"# gem compare\n\nBase recipe: `{settings.get('recipe') or 'built-in synthetic default'}`; "
               f"seeds {settings['seeds']}; training steps {settings['steps']}.\n\n## Methods\n\n{described}\n\n"
-              f"## Results (mean ± std over seeds; best in bold)\n\n{table}\n![comparison]({figure.relative_to(out)})\n")
+              f"## Results (mean ± std over seeds; best in bold)\n\n{table}\n![comparison]({figure.relative_to(out)})\n"
+              f"\n{CODES_NOTE} Disentanglement was measured on {' and '.join(factor_sets) or 'no'} factors "
+              f"({FACTOR_SET_NOTE}).\n")
     if failures:
         report += f"\n## Failed runs\n\n{failures}\n"
     atomic_write_text(out / "report.md", report)

@@ -66,6 +66,7 @@ __all__ = [
     "sampling_probabilities",
     "scale_classes",
     "shuffled_subset",
+    "uniform_rows",
     "validate_correlation_options",
 ]
 
@@ -183,6 +184,14 @@ def find_images(root: Union[str, Path], recursive: bool = True,
     pattern = root.rglob("*") if recursive else root.glob("*")
     files = [p for p in pattern if p.suffix.lower() in exts and p.is_file()]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def uniform_rows(n_rows: int, size: int, seed: int) -> np.ndarray:
+    """``size`` distinct rows of ``n_rows`` drawn uniformly with ``default_rng(seed)``, sorted
+    (all rows when there are no more)."""
+    if size >= n_rows:
+        return np.arange(n_rows)
+    return np.sort(np.random.default_rng(seed).choice(n_rows, size=size, replace=False))
 
 
 def shuffled_subset(total: int, max_images: Optional[int], seed: int) -> np.ndarray:

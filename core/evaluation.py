@@ -5,12 +5,15 @@ result; ``gem eval`` does the same on a run loaded from its folder (:func:`evalu
 differ only in the sizes of :class:`EvalSettings` (:data:`END_OF_RUN` against the defaults).
 
 ``disentanglement``
-    :func:`gem.disentanglement.compute_disentanglement` on the bound latent means (latents in
-    attribute order and orientation) of a pool of ``n_train + n_test`` images drawn without
-    replacement from the whole data set with ``numpy.random.default_rng(seed)`` (all images when
-    the data set is smaller), against ``dataset.factors``; with true attribute scores, ``spearman_mcc`` comes
-    with ``bound_rho``, the signed Spearman ρ of each bound latent with its attribute. Skipped, with a
-    note, without factors.
+    :func:`gem.disentanglement.compute_disentanglement` on two codes of a pool of
+    ``n_train + n_test`` images (see :data:`CODES`): ``exogenous``, the bound latent means μ
+    (latents in attribute order and orientation), and ``attribute``, z_rel = Aᵀμ, what the decoder
+    reads (one computation when A = I). The pool is the data set's independent sample when it has
+    one (factors independent of each other, ``evaluation.factor_set: independent``), else images
+    drawn without replacement from the whole data set with ``numpy.random.default_rng(seed)``
+    (``training``). With true attribute scores, ``spearman_mcc`` comes with ``bound_rho``, the
+    signed Spearman ρ of each bound latent with its attribute. Skipped, with a note, without
+    factors.
 ``reconstruction``
     MSE, PSNR (over the whole set) and SSIM (mean per image) of the mean reconstructions
     ``decode(Aᵀ mu)``, clamped to [0, 1], of the held-out images.
@@ -60,7 +63,8 @@ from gem.binding import spearman_matrix
 from gem.disentanglement import METRICS as DIS_METRICS
 from gem.disentanglement import compute_disentanglement, resolve_metrics
 from gem.efficiency import count_parameters, efficiency_report
-from gem.interfaces import Extractor
+from gem.data import uniform_rows
+from gem.interfaces import Extractor, ImageDataset
 from gem.io import write_json
 from gem.labels import auxiliary_variable
 from gem.relations import RelationModel
@@ -152,29 +156,58 @@ def select_metrics(metrics: Optional[Sequence[str]]) -> tuple[list[str], Optiona
     return [g for g in GROUPS if g in groups], (resolve_metrics(dis) if dis else None)
 
 
-def _pool_indices(n_images: int, size: int, seed: int) -> np.ndarray:
-    """``size`` distinct image indices drawn with ``default_rng(seed)``, sorted (all when fewer)."""
-    if size >= n_images:
-        return np.arange(n_images)
-    return np.sort(np.random.default_rng(seed).choice(n_images, size=size, replace=False))
+#: The two codes every disentanglement metric is computed on, with what each one is.
+CODES = {
+    "exogenous": "the encoder's mean code μ in bound attribute order: each attribute's own (exogenous) part, "
+                 "before the relation graph",
+    "attribute": "the code the decoder reads, z_rel = Aᵀμ in bound attribute order: each attribute's value "
+                 "including what its parents pass on through the graph",
+}
 
 
-# ---------------------------------------------------------------------------------------------
-# the groups
-# ---------------------------------------------------------------------------------------------
+def _evaluation_pool(ds: ImageDataset, size: int, seed: int) -> tuple[ImageDataset, np.ndarray, str]:
+    """Images to measure disentanglement on: ``(dataset, rows, factor set)``, from the data set's
+    independent sample when it has one (``"independent"``), else its own images (``"training"``)."""
+    if ds.independent_sample is not None:
+        source, rows = ds.independent_sample(size, seed)
+        return source, np.asarray(rows), "independent"
+    return ds, uniform_rows(len(ds), size, seed), "training"
+
+
+def _score_code(codes: np.ndarray, factors: np.ndarray, chosen: list[str], s: EvalSettings,
+                timing: dict[str, float], label: str) -> dict[str, Any]:
+    """Every chosen metric of one code, DCI on its own split when the settings give one."""
+    separate_dci = "dci" in chosen and (s.dci_n_train is not None or s.dci_n_test is not None)
+    dci_split = (s.dci_n_train if s.dci_n_train is not None else s.n_train,
+                 s.dci_n_test if s.dci_n_test is not None else s.n_test)
+    calls = ([([m for m in chosen if m != "dci"], s.n_train, s.n_test), (["dci"], *dci_split)] if separate_dci
+             else [(chosen, s.n_train, s.n_test)])
+    result: dict[str, Any] = {}
+    for names, n_train, n_test in calls:
+        if names:
+            t0 = time.perf_counter()
+            result.update(compute_disentanglement(codes, factors, seed=s.seed, n_train=n_train, n_test=n_test,
+                                                  metrics=names, dci_trees=s.dci_trees, n_jobs=s.n_jobs))
+            key = f"{label} dci" if names == ["dci"] else f"{label} metrics"
+            timing[key] = time.perf_counter() - t0
+    order = [key for name in DIS_METRICS for key in DIS_METRICS[name][1]]
+    return {key: result[key] for key in order if key in result}
+
 
 def _disentanglement(run: TrainedRun, notes: list[str], dis_metrics: Optional[list[str]],
                      s: EvalSettings) -> Optional[dict[str, Any]]:
     started = time.perf_counter()
-    ds = run.dataset
-    if ds.factors is None:
+    if run.dataset.factors is None:
         notes.append("disentanglement: skipped, the data set has no ground-truth factors")
         return None
-    pool = _pool_indices(len(ds), s.n_train + s.n_test, s.seed)
-    codes = encode_images(run.extractor, ds.images, pool, run.device)
-    if run.relation.is_bound:
-        with torch.no_grad():
-            codes = run.relation.to_attributes(torch.from_numpy(codes).to(run.device)).float().cpu().numpy()
+    ds, pool, factor_set = _evaluation_pool(run.dataset, s.n_train + s.n_test, s.seed)
+    means = encode_images(run.extractor, ds.images, pool, run.device)
+    relation = run.relation
+    with torch.no_grad():
+        mu = torch.from_numpy(means).to(run.device)
+        codes = {"exogenous": relation.to_attributes(mu).float().cpu().numpy(),
+                 "attribute": relation.to_attributes(relation(mu)).float().cpu().numpy()}
+    identity = not relation.is_bound or np.allclose(run.learned_adjacency, np.eye(len(run.attributes)))
     factors = np.asarray(ds.factors)[pool]
     names = list(ds.factor_names) or [str(k) for k in range(factors.shape[1])]
     varying = [k for k in range(factors.shape[1]) if not np.all(factors[:, k] == factors[0, k])]
@@ -186,35 +219,26 @@ def _disentanglement(run: TrainedRun, notes: list[str], dis_metrics: Optional[li
         return None
     timing = {"encode": time.perf_counter() - started}
     chosen = dis_metrics if dis_metrics is not None else list(DIS_METRICS)
-    separate_dci = "dci" in chosen and (s.dci_n_train is not None or s.dci_n_test is not None)
-    dci_split = (s.dci_n_train if s.dci_n_train is not None else s.n_train,
-                 s.dci_n_test if s.dci_n_test is not None else s.n_test)
-    calls = ([([m for m in chosen if m != "dci"], s.n_train, s.n_test), (["dci"], *dci_split)] if separate_dci
-             else [(chosen, s.n_train, s.n_test)])
     result: dict[str, Any] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for chosen_here, n_train, n_test in calls:
-            if not chosen_here:
-                continue
-            t0 = time.perf_counter()
-            result.update(compute_disentanglement(codes, factors[:, varying], seed=s.seed, n_train=n_train,
-                                                  n_test=n_test, metrics=chosen_here, dci_trees=s.dci_trees,
-                                                  n_jobs=s.n_jobs))
-            timing["dci" if chosen_here == ["dci"] else "metrics"] = time.perf_counter() - t0
+        result["exogenous"] = _score_code(codes["exogenous"], factors[:, varying], chosen, s, timing, "exogenous")
+        # With A = I the decoder reads μ itself: the two codes are one, scored once.
+        result["attribute"] = (dict(result["exogenous"]) if identity else
+                               _score_code(codes["attribute"], factors[:, varying], chosen, s, timing, "attribute"))
     for message in dict.fromkeys(str(w.message) for w in caught if "the pool has" in str(w.message)):
         notes.append(f"disentanglement: {message}")
-    order = [key for name in DIS_METRICS for key in DIS_METRICS[name][1]]
-    result = {key: result[key] for key in order if key in result}
-    if "spearman_mcc" in chosen and ds.attribute_scores is not None and run.relation.is_bound:
-        rho = spearman_matrix(codes, np.asarray(ds.attribute_scores)[pool].astype(float))
-        result["bound_rho"] = {name: float(rho[i, i]) for i, name in enumerate(ds.attributes)}
-    result["evaluation"] = {"pool": int(len(pool)), "n_train": int(s.n_train), "n_test": int(s.n_test),
-                            "seed": int(s.seed), "dci_trees": int(s.dci_trees),
-                            "codes": "bound latent means" if run.relation.is_bound else "latent means",
-                            "factors": [names[k] for k in varying], "seconds": timing}
-    if separate_dci:
-        result["evaluation"].update(dci_n_train=int(dci_split[0]), dci_n_test=int(dci_split[1]))
+    if "spearman_mcc" in chosen and ds.attribute_scores is not None and relation.is_bound:
+        rho = spearman_matrix(codes["exogenous"], np.asarray(ds.attribute_scores)[pool].astype(float))
+        result["bound_rho"] = {name: float(rho[i, i]) for i, name in enumerate(run.attributes)}
+    result["evaluation"] = {
+        "factor_set": factor_set, "pool": int(len(pool)), "n_train": int(s.n_train), "n_test": int(s.n_test),
+        "seed": int(s.seed), "dci_trees": int(s.dci_trees), "bound": bool(relation.is_bound),
+        "identity_graph": bool(identity), "codes": dict(CODES), "factors": [names[k] for k in varying],
+        "seconds": timing}
+    if "dci" in chosen and (s.dci_n_train is not None or s.dci_n_test is not None):
+        result["evaluation"].update(dci_n_train=int(s.dci_n_train if s.dci_n_train is not None else s.n_train),
+                                    dci_n_test=int(s.dci_n_test if s.dci_n_test is not None else s.n_test))
     return result
 
 
@@ -451,8 +475,13 @@ def _merge(metrics: dict[str, Any], section: str, values: dict[str, Any]) -> Non
     current = metrics.get(section)
     if section in _REPLACED or not isinstance(current, dict):
         metrics[section] = dict(values)
-    else:
-        metrics[section] = {**current, **values}
+        return
+    merged = dict(current)
+    for key, value in values.items():
+        # A code's metrics (disentanglement.exogenous, .attribute) merge metric by metric.
+        old = merged.get(key)
+        merged[key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) and key in CODES else value
+    metrics[section] = merged
 
 
 def record(run_dir: Union[str, Path], result: dict[str, Any], write_report: bool = True) -> dict[str, Any]:
@@ -470,9 +499,9 @@ def record(run_dir: Union[str, Path], result: dict[str, Any], write_report: bool
     folder = run_dir / "figures"
     folder.mkdir(exist_ok=True)
     if "disentanglement" in result:
-        keys = {key for _, ks in DIS_METRICS.values() for key in ks}
-        figures.plot_disentanglement({k: v for k, v in stored["disentanglement"].items() if k in keys},
-                                     folder / "disentanglement.png")
+        dis = stored["disentanglement"]
+        figures.plot_disentanglement({code: dis.get(code, {}) for code in CODES}, folder / "disentanglement.png",
+                                     dis.get("evaluation", {}).get("factor_set", "training"))
     if "relation_edges" in result:
         figures.plot_relation_error(result["relation_edges"], folder / "relation_error.png")
     if write_report:

@@ -478,24 +478,36 @@ def plot_score_histogram(
 _NOT_SCORES = {"factorvae_active_dims"}
 
 
-def plot_disentanglement(result: dict[str, Any], path: Path) -> Path:
-    """Bar chart of the disentanglement scores (values in [0, 1])."""
-    items = [(k, float(v)) for k, v in result.items()
-             if k not in _NOT_SCORES and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    fig = new_figure(7.0, 0.35 * max(len(items), 3) + 1.2)
+def plot_disentanglement(codes: Mapping[str, Mapping[str, Any]], path: Path, factor_set: str = "training") -> Path:
+    """Grouped bars of the disentanglement scores (values in [0, 1]) of each code.
+
+    ``codes`` maps a code's name (``exogenous`` μ, ``attribute`` z_rel = Aᵀμ) to its metrics;
+    ``factor_set`` says whether the factors of the evaluation images were independent.
+    """
+    labels = {"exogenous": "exogenous code μ", "attribute": "attribute code z_rel = Aᵀμ"}
+    names = [k for code in codes.values() for k, v in code.items()
+             if k not in _NOT_SCORES and _is_number(v)]
+    names = list(dict.fromkeys(names))
+    fig = new_figure(7.5, 0.45 * max(len(names), 3) + 1.4)
     ax = fig.add_subplot()
-    names = [k.replace("_", " ") for k, _ in items]
-    values = [0.0 if math.isnan(v) else v for _, v in items]
-    ypos = np.arange(len(items))
-    ax.barh(ypos, values, color="#4c72b0")
-    for y, (_, v) in zip(ypos, items):
-        ax.text(max(0.0 if math.isnan(v) else v, 0) + 0.01, y, "n/a" if math.isnan(v) else f"{v:.3f}",
-                va="center", fontsize=8)
-    ax.set_yticks(ypos, names, fontsize=8)
+    ypos = np.arange(len(names))
+    height = 0.8 / max(len(codes), 1)
+    colours = ["#4c72b0", "#dd8452", "#55a868"]
+    for c, (code, values) in enumerate(codes.items()):
+        raw = [float(values.get(k, math.nan)) for k in names]
+        shown = [0.0 if math.isnan(v) else v for v in raw]
+        y = ypos - 0.4 + height * (c + 0.5)
+        ax.barh(y, shown, height=height * 0.95, color=colours[c % len(colours)], label=labels.get(code, code))
+        for yy, v in zip(y, raw):
+            ax.text(max(0.0 if math.isnan(v) else v, 0) + 0.01, yy, "n/a" if math.isnan(v) else f"{v:.3f}",
+                    va="center", fontsize=7)
+    ax.set_yticks(ypos, [k.replace("_", " ") for k in names], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlim(min(0.0, min(values, default=0.0)), 1.1)
+    ax.set_xlim(min(0.0, *(float(v) for code in codes.values() for k, v in code.items()
+                           if k in names and _is_number(v) and not math.isnan(float(v)))), 1.15)
     ax.set_xlabel("score (1 = perfect)")
-    ax.set_title("Disentanglement metrics")
+    ax.set_title(f"Disentanglement metrics ({factor_set} factors)")
+    ax.legend(fontsize=8, loc="lower right")
     return atomic_save_figure(fig, path, dpi=DPI)
 
 

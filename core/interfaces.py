@@ -53,6 +53,12 @@ class ImageDataset:
         probabilities (correlated sampling of factor data sets); evaluation ignores them.
     info : dict
         Free-form facts for the report (correlated pairs, source files, skipped images ...).
+    independent_sample : callable or None
+        ``(n, seed) -> (dataset, indices)``: up to ``n`` images whose factors are independent of
+        each other, as rows ``indices`` of ``dataset`` (this data set itself when its images
+        cover the factors uniformly, as a full grid does, or a separately made set). Where the
+        training factors are correlated, disentanglement is measured on these (the protocol of
+        Träuble et al. 2021 and Roth et al. 2023); None when the source cannot make them.
     """
 
     images: np.ndarray
@@ -64,6 +70,7 @@ class ImageDataset:
     true_impact: Optional[np.ndarray] = None
     sample_weights: Optional[np.ndarray] = None
     info: dict = field(default_factory=dict)
+    independent_sample: Optional[Callable[[int, int], tuple["ImageDataset", np.ndarray]]] = None
 
     def __len__(self) -> int:
         return len(self.images)

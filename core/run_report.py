@@ -15,6 +15,19 @@ import yaml
 from gem.report import Report
 
 
+#: What the two codes of the disentanglement table are, in words.
+CODES_TEXT = ("The exogenous code μ is the encoder's mean in bound attribute order: each attribute's own part, "
+              "before the relation graph. The attribute code z_rel = Aᵀμ is what the decoder reads: each attribute "
+              "with what its parents pass on through the learned graph A.")
+#: What the factor set of the evaluation images means, in words.
+FACTOR_SET_TEXT = {
+    "independent": "Their factors were drawn independently of each other (not as in training), the usual "
+                   "protocol for correlated data: a code scores well only if it separates the factors themselves.",
+    "training": "They are the data set's own images, so where its factors are correlated a code that mixes "
+                "correlated factors is not penalised for it.",
+}
+
+
 def _load(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -32,9 +45,10 @@ def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
         summary["|S - true| (MAE)"] = rels["oracle_vs_true"]["mae"]
         summary["sign agreement A/true"] = rels["learned_vs_true"]["sign_agreement"]
     dis = metrics.get("disentanglement", {})
-    for key in ("spearman_mcc", "mig", "dci_disentanglement"):
-        if key in dis:
-            summary[key.replace("_", " ")] = dis[key]
+    for code, label in (("exogenous", "μ"), ("attribute", "Aᵀμ")):
+        for key in ("spearman_mcc", "mig", "dci_disentanglement"):
+            if key in dis.get(code, {}):
+                summary[f"{key.replace('_', ' ')} ({label})"] = dis[code][key]
     if "training" in metrics:
         summary["train steps/s"] = metrics["training"]["steps_per_second"]
     if "run_seconds" in metrics:
@@ -72,6 +86,8 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
         ("Independent traversals", "traversal_independent.png", "Each row changes only that attribute's decoder input."),
         ("Impact scores", "impact_heatmap.png",
          f"Somers' D from {impact.get('images_used', '?')} scored images; row i is the independent variable. "
+         "An edge i → j says how well i's order predicts j's; its direction is not a causal direction "
+         "(a coarse attribute set by a fine one gets the larger entry from effect to cause). "
          "Brackets: bootstrap confidence interval."),
         ("Relations: true, oracle and learned", "relations.png", ""),
     ]
@@ -92,12 +108,23 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
         doc.add_table("Reconstruction (held-out images)", metrics["reconstruction"])
     dis = metrics.get("disentanglement", {})
     if dis:
-        rows = {k: v for k, v in dis.items() if not isinstance(v, dict)}
-        rows.update({f"ρ of bound latent ~ {k}": v for k, v in dis.get("bound_rho", {}).items()})
-        doc.add_table("Disentanglement", rows)
+        exo, attr = dis.get("exogenous", {}), dis.get("attribute", {})
+        setting = dis.get("evaluation", {})
+        factor_set = setting.get("factor_set", "training")
+        doc.add_table("Disentanglement",
+                      [{"metric": k, "exogenous code μ": exo.get(k, ""), "attribute code z_rel = Aᵀμ": attr.get(k, "")}
+                       for k in dict.fromkeys([*exo, *attr])],
+                      f"On {setting.get('pool', '?')} images with {factor_set} factors. " + FACTOR_SET_TEXT[factor_set]
+                      + " " + CODES_TEXT + (" The learned graph is the identity here, so the two columns are one "
+                                            "code." if setting.get("identity_graph") else ""))
+        if dis.get("bound_rho"):
+            doc.add_table("Binding quality",
+                          [{"attribute": k, "Spearman ρ of its latent": v} for k, v in dis["bound_rho"].items()],
+                          "Signed ρ between each bound latent (oriented by the binding) and the attribute's true "
+                          "score: near +1 is a clean binding; a negative value means the binding's sign is wrong.")
     if (fig / "disentanglement.png").is_file():
         doc.add_image("Disentanglement metrics", fig / "disentanglement.png",
-                      "disentanglement_lib's metrics on the bound latent means (gem eval).")
+                      "disentanglement_lib's metrics on both codes.")
     if (fig / "relation_error.png").is_file():
         doc.add_image("Relation error per edge", fig / "relation_error.png",
                       "|S − true| with bootstrap intervals over the scored images; dots: |A − true| of the learned graph.")

@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from gem.data import FactorDataOptions, build_array_cache, cache_file, plan_correlation
+from gem.data import FactorDataOptions, build_array_cache, cache_file, plan_correlation, uniform_rows
 from gem.interfaces import ImageDataset
 from gem.labels import class_scores, true_impact
 
@@ -52,6 +52,11 @@ def factor_grid_dataset(source: str, path: Path, n_source: int, order: np.ndarra
     if plan is not None:
         weights = plan.probabilities(all_classes, all_levels)
         info.update(plan.describe(all_classes, all_levels, weights))
-    return ImageDataset(images=images, attributes=names, factors=factors, factor_names=names,
-                        factor_levels=factor_levels, attribute_scores=scores,
-                        true_impact=true_impact(scores, weights=weights), sample_weights=weights, info=info)
+    dataset = ImageDataset(images=images, attributes=names, factors=factors, factor_names=names,
+                           factor_levels=factor_levels, attribute_scores=scores,
+                           true_impact=true_impact(scores, weights=weights), sample_weights=weights, info=info)
+    # The images are the grid (or a uniform subset of it): drawn uniformly, their factors are
+    # independent whatever the training weights.
+    dataset.independent_sample = lambda n, seed: (dataset, uniform_rows(len(dataset), n, seed))
+    return dataset
+

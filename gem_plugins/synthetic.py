@@ -12,7 +12,7 @@ import colorsys
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -319,7 +319,7 @@ def build_synthetic(options: SyntheticOptions, context: BuildContext) -> ImageDa
         _render_to_cache(factors, names, int(options.image_size), path)
     images = np.load(path, mmap_mode="r")
     scores = attribute_scores(factors, names)
-    return ImageDataset(
+    dataset = ImageDataset(
         images=images,
         attributes=names,
         factors=factors,
@@ -340,6 +340,25 @@ def build_synthetic(options: SyntheticOptions, context: BuildContext) -> ImageDa
             "cache_file": str(path),
         },
     )
+    dataset.independent_sample = lambda n, eval_seed: (
+        _independent_set(options, seed, eval_seed, n, Path(context.cache_dir)), np.arange(n))
+    return dataset
+
+
+def _independent_set(options: SyntheticOptions, seed: int, eval_seed: int, n: int, cache_dir: Path) -> ImageDataset:
+    """``n`` freshly rendered images of the same factors with every correlation off (cached), drawn
+    with a seed of their own so that no image repeats a training one by construction."""
+    independent = replace(options, n_images=int(n), correlations=[])
+    own_seed = int(np.random.SeedSequence([seed, eval_seed, 0x1D]).generate_state(1)[0])
+    names = list(independent.factors)
+    factors = sample_factors(independent, own_seed)
+    path = _cache_path(independent, own_seed, cache_dir)
+    if not path.exists():
+        _render_to_cache(factors, names, int(independent.image_size), path)
+    scores = attribute_scores(factors, names)
+    return ImageDataset(images=np.load(path, mmap_mode="r"), attributes=names, factors=factors, factor_names=names,
+                        factor_levels=[FACTOR_LEVELS[name] for name in names], attribute_scores=scores,
+                        true_impact=true_impact(scores), info={"seed": own_seed, "cache_file": str(path)})
 
 
 @hookimpl

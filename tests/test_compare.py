@@ -63,13 +63,14 @@ def test_unknown_method_and_bad_variant_are_reported(base, registry, tmp_path):
 def test_table_is_mean_and_sample_std(tmp_path):
     from gem.compare import RunRecord
 
-    records = [RunRecord("a", s, tmp_path, "done", metrics={"disentanglement": {"mig": v}})
+    records = [RunRecord("a", s, tmp_path, "done", metrics={"disentanglement": {"exogenous": {"mig": v}}})
                for s, v in enumerate([0.1, 0.3])]
     records.append(RunRecord("b", 0, tmp_path, "failed", error="boom"))
     rows = summarise(records, ["a", "b"])
-    assert rows[0]["MIG"]["mean"] == pytest.approx(0.2)
-    assert rows[0]["MIG"]["std"] == pytest.approx(0.1414213562)  # ddof = 1
-    assert rows[1]["seeds"] == 0 and rows[1]["failed"] == 1 and rows[1]["MIG"]["mean"] is None
+    assert rows[0]["MIG μ"]["mean"] == pytest.approx(0.2)
+    assert rows[0]["MIG μ"]["std"] == pytest.approx(0.1414213562)  # ddof = 1
+    assert rows[0]["MIG Aᵀμ"]["mean"] is None
+    assert rows[1]["seeds"] == 0 and rows[1]["failed"] == 1 and rows[1]["MIG μ"]["mean"] is None
     table = format_table(rows)
     assert "**0.200 ± 0.141**" in table and "0 (1 failed)" in table
 
@@ -88,8 +89,10 @@ def test_tiny_comparison_writes_table_and_reuses_finished_runs(tiny_recipe, tmp_
     results = json.loads((out / "results.json").read_text())
     gem_row = next(r for r in results["rows"] if r["method"] == "gem")
     flat_row = next(r for r in results["rows"] if r["method"] == "beta_vae")
-    # GEM learns relations from S; the flat baseline's graph is the identity.
+    # GEM learns relations from S; the flat baseline's graph is the identity, so its two codes are one.
     assert gem_row["|A−true| MAE"]["mean"] < flat_row["|A−true| MAE"]["mean"]
+    assert flat_row["MCC μ"]["values"] == flat_row["MCC Aᵀμ"]["values"]
+    assert "independent factors" in (out / "report.md").read_text()
     assert (out / "figures" / "comparison.png").stat().st_size > 0
     assert "gem_vae" in (out / "runs" / "gem-s0" / "recipe.yaml").read_text()
     again = compare(tiny_recipe, ["beta_vae"], [0], out, jobs=1, threads=1, eval_settings=settings,

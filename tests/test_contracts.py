@@ -281,6 +281,17 @@ def check_image_dataset(ds: ImageDataset, image_size: Optional[int]) -> None:
         assert weights.shape == (n_images,)
         assert np.isfinite(weights).all() and (weights >= 0).all() and weights.sum() > 0
 
+    if ds.independent_sample is not None:
+        assert ds.factors is not None, "an independent sample needs factors to be measured against"
+        wanted = min(7, n_images)
+        source, rows = ds.independent_sample(wanted, 0)
+        rows = np.asarray(rows)
+        assert rows.ndim == 1 and 0 < len(rows) <= wanted and len(np.unique(rows)) == len(rows)
+        assert rows.min() >= 0 and rows.max() < len(source)
+        assert source.images.dtype == np.uint8 and source.images.shape[1:] == images.shape[1:]
+        assert source.factors is not None and np.asarray(source.factors).shape[1] == np.asarray(ds.factors).shape[1]
+        assert list(source.factor_names) == list(ds.factor_names)
+
     assert isinstance(ds.info, dict)
 
 

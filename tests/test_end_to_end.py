@@ -79,8 +79,10 @@ def test_metrics_and_report(tiny_run):
     assert metrics["reconstruction"]["psnr"] == pytest.approx(10 * np.log10(1 / metrics["reconstruction"]["mse"]))
     assert metrics["relations"]["oracle_vs_true"]["mae"] < 0.06
     assert metrics["training"]["steps"] == 16
-    for key in ("mig", "dci_disentanglement", "sap", "factorvae_score", "spearman_mcc"):
-        assert 0 <= metrics["disentanglement"][key] <= 1, key
+    for code in ("exogenous", "attribute"):
+        for key in ("mig", "dci_disentanglement", "sap", "factorvae_score", "spearman_mcc"):
+            assert 0 <= metrics["disentanglement"][code][key] <= 1, (code, key)
+    assert metrics["disentanglement"]["evaluation"]["factor_set"] == "independent"
     assert metrics["efficiency"]["params_m"] > 0
     assert metrics["oracle"]["images_scored"] == 300 and metrics["oracle"]["missing_scores"] == 0
     history = json.loads((tiny_run / "history.json").read_text())

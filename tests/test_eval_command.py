@@ -69,9 +69,10 @@ def test_evaluate_run_writes_sections_and_figures(tiny_run, evaluated):
         assert metrics[key] == before[key]
     assert set(metrics["disentanglement"]["bound_rho"]) == set(before["disentanglement"]["bound_rho"])
     dis = metrics["disentanglement"]
-    for key in ("mig", "dci_disentanglement", "sap", "modularity", "factorvae_score", "betavae_score"):
-        assert math.isfinite(dis[key]), key
-    assert dis["evaluation"]["pool"] == 250
+    for code in ("exogenous", "attribute"):
+        for key in ("mig", "dci_disentanglement", "sap", "modularity", "factorvae_score", "betavae_score"):
+            assert math.isfinite(dis[code][key]), (code, key)
+    assert dis["evaluation"]["pool"] == 250 and dis["evaluation"]["factor_set"] == "independent"
     rec = metrics["reconstruction"]
     assert rec["mse"] == before["reconstruction"]["mse"]   # one definition, the same held-out images
     assert 0 < rec["ssim"] <= 1 and rec["n_images"] == 40
@@ -106,31 +107,34 @@ def test_report_shows_the_new_sections(tiny_run, evaluated):
 def test_deterministic_for_a_fixed_seed(tiny_run, evaluated):
     again = evaluate_run(tiny_run, ["disentanglement", "relations"], settings=fast())
     first = evaluated["result"]
-    keys = [k for k, v in first["disentanglement"].items() if isinstance(v, float)]
-    assert keys and all(again["disentanglement"][k] == first["disentanglement"][k] for k in keys)
+    for code in ("exogenous", "attribute"):
+        assert first["disentanglement"][code] and again["disentanglement"][code] == first["disentanglement"][code]
     assert again["relations"]["oracle_vs_true"] == first["relations"]["oracle_vs_true"]
     other = evaluate_run(tiny_run, ["mig"], settings=fast(seed=1), write_report=False)
     assert set(other) >= {"disentanglement"} and "relations" not in other
     assert other["disentanglement"]["evaluation"]["seed"] == 1
-    assert set(k for k in other["disentanglement"] if k != "evaluation") == {"mig"}
+    assert set(other["disentanglement"]) == {"exogenous", "attribute", "evaluation"}
+    assert set(other["disentanglement"]["exogenous"]) == set(other["disentanglement"]["attribute"]) == {"mig"}
 
 
 def test_dci_alone_on_a_smaller_split(tiny_run, evaluated):
     from gem.disentanglement import compute_disentanglement
-    from gem.evaluation import _pool_indices
     from gem.training import encode_images
 
     result = evaluate_run(tiny_run, ["mig", "dci"], settings=fast(dci_n_train=60, dci_n_test=40), write_report=False)
     dis = result["disentanglement"]
-    assert dis["evaluation"]["dci_n_train"] == 60 and dis["mig"] == evaluated["result"]["disentanglement"]["mig"]
-    # The same numbers as compute_disentanglement on the bound means of the pool.
+    first = evaluated["result"]["disentanglement"]
+    assert dis["evaluation"]["dci_n_train"] == 60 and dis["exogenous"]["mig"] == first["exogenous"]["mig"]
+    # The same numbers as compute_disentanglement on both codes of the independent pool.
     run = load_run(tiny_run)
-    pool = _pool_indices(len(run.dataset), 250, 0)
-    codes = run.relation.to_attributes(torch.from_numpy(encode_images(run.extractor, run.dataset.images, pool,
-                                                                      run.device))).detach().numpy()
-    ref = compute_disentanglement(codes, run.dataset.factors[pool], seed=0, n_train=60, n_test=40, metrics=["dci"],
-                                  dci_trees=5)
-    assert dis["dci_disentanglement"] == pytest.approx(ref["dci_disentanglement"])
+    images, rows = run.dataset.independent_sample(250, 0)
+    mu = torch.from_numpy(encode_images(run.extractor, images.images, rows, run.device))
+    with torch.no_grad():
+        codes = {"exogenous": run.relation.to_attributes(mu), "attribute": run.relation.to_attributes(run.relation(mu))}
+    for code, z in codes.items():
+        ref = compute_disentanglement(z.numpy(), images.factors[rows], seed=0, n_train=60, n_test=40,
+                                      metrics=["dci"], dci_trees=5)
+        assert dis[code]["dci_disentanglement"] == pytest.approx(ref["dci_disentanglement"]), code
 
 
 def test_the_saved_weights_are_not_changed_by_the_efficiency_step(tiny_run):

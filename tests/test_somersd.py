@@ -81,6 +81,20 @@ def test_asymmetric_for_different_tie_structure():
     assert not np.allclose(S, S.T)
 
 
+def test_direction_is_prediction_not_cause():
+    # The design notes and the README quote these numbers: the two cases in which reading an
+    # edge's direction as cause -> effect goes wrong.
+    rng = np.random.default_rng(0)
+    cause = rng.integers(0, 6, 20000)
+    effect = np.where(cause >= 3, 5, 0)           # a two-level attribute set by a six-level one
+    s = somers_d_matrix(np.stack([cause, effect], 1))
+    assert s[1, 0] == pytest.approx(1.0) and s[0, 1] == pytest.approx(0.60, abs=0.01)
+    x = rng.integers(0, 6, 20000)
+    y = np.clip(x + rng.integers(-1, 2, 20000), 0, 5)   # one-way, symmetric noise
+    s = somers_d_matrix(np.stack([x, y], 1))
+    assert s[0, 1] == pytest.approx(0.81, abs=0.01) and s[1, 0] == pytest.approx(s[0, 1], abs=0.01)
+
+
 def test_weights_equal_repeated_rows():
     rng = np.random.default_rng(5)
     scores = tied_scores(rng, n_rows=120)
