@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from gem.cli_errors import guard
-from gem.figures import plot_comparison
+from gem.figures import plot_comparison, plot_sweep
 from gem.io import atomic_write_text, write_json
 from gem.plugins import PluginError, Registry, make_plugin_manager
 from gem.recipe import DEFAULT_RECIPE, RecipeError, apply_overrides, load_recipe_file, validate_recipe
@@ -431,10 +431,65 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--relation-aware", action="store_true",
                    help="run the flat methods (baselines) with the base recipe's graph learner instead of the "
                         "identity graph, so every method decodes z_rel = A^T z")
+    p.add_argument("--sweep", metavar="KEY.PATH=V1,V2,...",
+                   help="run the comparison once per value of one recipe key (e.g. dataset.strength=0,0.4,0.7,0.9) "
+                        "and plot every metric against it; each value gets its own folder under --out")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2; each gets cores/jobs threads)")
     p.add_argument("--threads", type=int, help="threads per run (default: cores / jobs)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+#: Columns the sweep table and figure follow across the swept values.
+SWEEP_COLUMNS = [c for c in COLUMNS if c[0].split()[0] in ("MCC", "MIG", "DCI-D") or c[0].startswith("|A")]
+
+
+def parse_sweep(spec: str) -> tuple[str, list[str]]:
+    """``"stage.key=v1,v2,..."`` -> (key, values as written)."""
+    key, sep, values = spec.partition("=")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip() or "." not in key or len(items) < 2:
+        raise RecipeError(f"--sweep {spec!r}: write it as stage.key=value1,value2[,...] (at least two values)")
+    return key.strip(), items
+
+
+def sweep(base: dict, key: str, values: Sequence[str], methods: Sequence[str], seeds: Sequence[int], out: Path,
+          **options: Any) -> dict[str, list[RunRecord]]:
+    """:func:`compare` once per value of one recipe key, each into ``out/<key>=<value>`` (so finished
+    runs are reused value by value), then ``sweep.md``, ``sweep.csv`` and ``figures/sweep.png``:
+    every column of :data:`SWEEP_COLUMNS` against the value, one line per method, ± std over seeds."""
+    registry = Registry(make_plugin_manager())
+    bases = {}
+    for value in values:  # every value must make valid recipes before anything trains
+        data = apply_overrides(base, [f"{key}={value}"])
+        try:
+            plan_runs(data, methods, seeds, out / f"{key}={value}", options.get("variants") or VARIANTS, registry)
+        except RecipeError as exc:
+            raise RecipeError(f"--sweep {key}={value}: {exc}") from None
+        bases[value] = data
+    records = {value: compare(data, methods, seeds, out / f"{key}={value}", **options)
+               for value, data in bases.items()}
+    rows = {value: summarise(recs, methods) for value, recs in records.items()}
+    header = ["method", key, *(label for label, *_ in SWEEP_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    csv_lines = [",".join(["method", key, *(f"{label} {stat}" for label, *_ in SWEEP_COLUMNS
+                                            for stat in ("mean", "std"))])]
+    for method in methods:
+        for value in values:
+            row = next(r for r in rows[value] if r["method"] == method)
+            cells, numbers = [], []
+            for label, _, _, fmt in SWEEP_COLUMNS:
+                m, sd = row[label]["mean"], row[label]["std"]
+                cells.append("—" if m is None else fmt.format(m) + (f" ± {fmt.format(sd)}" if row["seeds"] > 1 else ""))
+                numbers += ["" if m is None else f"{m:.6g}", "" if sd is None else f"{sd:.6g}"]
+            lines.append("| " + " | ".join([method, value, *cells]) + " |")
+            csv_lines.append(",".join([method, value, *numbers]))
+    table = "\n".join(lines) + "\n"
+    atomic_write_text(out / "sweep.md", f"# gem compare --sweep {key}\n\nMean ± std over seeds {list(seeds)}. "
+                                        f"{CODES_NOTE}\n\n{table}\n![sweep](figures/sweep.png)\n")
+    atomic_write_text(out / "sweep.csv", "\n".join(csv_lines) + "\n")
+    plot_sweep(key, list(values), rows, SWEEP_COLUMNS, out / "figures" / "sweep.png")
+    return records
 
 
 def relation_aware(variants: dict[str, Variant]) -> dict[str, Variant]:
@@ -480,8 +535,14 @@ def compare_main(argv: Optional[Sequence[str]] = None) -> int:
                 methods.append(name)
         if args.jobs < 1:
             raise RecipeError(f"--jobs must be >= 1, got {args.jobs}")
-        records = compare(base, methods, args.seeds, args.out, jobs=args.jobs, threads=args.threads,
-                          variants=variants, recipe_name=args.recipe or "")
+        options = dict(jobs=args.jobs, threads=args.threads, variants=variants, recipe_name=args.recipe or "")
+        if args.sweep:
+            key, values = parse_sweep(args.sweep)
+            by_value = sweep(base, key, values, methods, args.seeds, args.out, **options)
+            records = [r for recs in by_value.values() for r in recs]
+            print(f"sweep: {args.out / 'sweep.md'}")
+        else:
+            records = compare(base, methods, args.seeds, args.out, **options)
         failed = [r for r in records if r.status == "failed"]
         if failed:
             print(f"gem compare: {len(failed)} of {len(records)} runs failed; see {args.out / 'report.md'}",

@@ -20,7 +20,7 @@ from gem.io import atomic_save_figure
 
 __all__ = ["new_figure", "plot_impact_heatmap", "plot_relation_comparison", "plot_traversals", "plot_loss_curves",
            "plot_score_histogram", "plot_disentanglement", "plot_relation_error", "plot_oracle_quality",
-           "plot_comparison"]
+           "plot_comparison", "plot_sweep"]
 
 DPI = 120
 CMAP = "RdBu_r"
@@ -630,3 +630,36 @@ def plot_comparison(rows: Sequence[dict[str, Any]], columns: Sequence[tuple], pa
         ax.set_visible(False)
     fig.suptitle("gem compare: mean ± std over seeds (orange: GEM and its ablations)", fontsize=9)
     return atomic_save_figure(fig, path)
+
+
+def plot_sweep(key: str, values: Sequence[str], rows: Mapping[str, Sequence[Mapping[str, Any]]],
+               columns: Sequence[tuple], path: Path) -> Path:
+    """One panel per column of ``gem compare --sweep``: the metric against the swept value, one line
+    per method with ± std error bars over seeds. ``rows[value]`` are that value's summary rows."""
+    labels = [label for label, *_ in columns]
+    ncols = min(4, len(labels))
+    nrows = math.ceil(len(labels) / ncols)
+    fig = new_figure(3.6 * ncols, 2.9 * nrows + 0.5)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    methods = [r["method"] for r in rows[values[0]]]
+    try:
+        x = np.array([float(v) for v in values])
+    except ValueError:  # values that are not numbers are spaced evenly
+        x = np.arange(len(values), dtype=float)
+    for ax, (label, _, better, _) in zip(axes, columns):
+        for m, method in enumerate(methods):
+            found = [next(r for r in rows[v] if r["method"] == method)[label] for v in values]
+            means = np.array([np.nan if f["mean"] is None else f["mean"] for f in found], dtype=float)
+            stds = np.array([f["std"] or 0.0 for f in found], dtype=float)
+            ax.errorbar(x, means, yerr=stds, marker="o", markersize=3, capsize=2, linewidth=1.2,
+                        color=f"C{m % 10}", label=method)
+        ax.set_xticks(x, list(values), fontsize=7)
+        ax.set_xlabel(key, fontsize=8)
+        ax.set_title(f"{label} ({'higher' if better > 0 else 'lower'} is better)", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(alpha=0.3, linewidth=0.5)
+    for ax in axes[len(labels):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"gem compare --sweep {key}: mean ± std over seeds", fontsize=9)
+    return atomic_save_figure(fig, path, dpi=DPI)

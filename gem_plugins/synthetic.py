@@ -90,6 +90,8 @@ class SyntheticOptions:
         Allowed: floor_hue, wall_hue, object_hue, scale, orientation, position, shape.
     correlations : edges ``[parent, child, strength]``, strength in (-1, 1); the edges must
         form a DAG and each child's squared strengths must sum to less than 1.
+    strength : when set, every edge gets this strength (keeping its sign): 0 makes the factors
+        independent, values near 1 nearly deterministic. For sweeping how correlated the data is.
     """
 
     n_images: int = 20000
@@ -97,15 +99,23 @@ class SyntheticOptions:
     seed: Optional[int] = None
     factors: list[str] = field(default_factory=_default_factors)
     correlations: list[list] = field(default_factory=_default_correlations)
+    strength: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.factors = list(self.factors)
         self.correlations = [list(edge) for edge in self.correlations]
         _validate(self)
 
+    def edges(self) -> list[list]:
+        """The correlation edges with :attr:`strength` applied."""
+        if self.strength is None:
+            return [list(edge) for edge in self.correlations]
+        return [[parent, child, float(np.sign(s)) * self.strength if s else self.strength]
+                for parent, child, s in self.correlations]
+
 
 def _validate(options: SyntheticOptions) -> None:
-    check_ranges(options, where="synthetic", bounds={"n_images": 1, "image_size": 16})
+    check_ranges(options, where="synthetic", bounds={"n_images": 1, "image_size": 16, "strength": (0.0, 0.99)})
     check_factor_names(options.factors, FACTOR_LEVELS, "synthetic")
     seen: set[tuple[str, str]] = set()
     for edge in options.correlations:
@@ -125,7 +135,7 @@ def _validate(options: SyntheticOptions) -> None:
             raise ValueError(f"synthetic: strength of {edge!r} must be a number in (-1, 1)")
     _topological_order(options.factors, options.correlations)
     for child in options.factors:
-        total = sum(float(s) ** 2 for _, c, s in options.correlations if c == child)
+        total = sum(float(s) ** 2 for _, c, s in options.edges() if c == child)
         if total >= 1:
             raise ValueError(f"synthetic: the squared strengths into {child!r} sum to {total:.3g}; "
                              f"they must sum to less than 1")
@@ -168,13 +178,14 @@ def sample_factors(options: SyntheticOptions, seed: int) -> np.ndarray:
     """
     names = list(options.factors)
     index = {name: k for k, name in enumerate(names)}
+    edges = options.edges()
     eps = np.random.default_rng(seed).standard_normal((int(options.n_images), len(names)))
     latent = np.zeros_like(eps)
     cov = np.eye(len(names))  # covariance of the standard-normal latents
-    for name in _topological_order(names, options.correlations):
+    for name in _topological_order(names, edges):
         c = index[name]
-        parents = [index[p] for p, child, _ in options.correlations if child == name]
-        weights = np.array([float(s) for _, child, s in options.correlations if child == name])
+        parents = [index[p] for p, child, _ in edges if child == name]
+        weights = np.array([float(s) for _, child, s in edges if child == name])
         if not parents:
             latent[:, c] = eps[:, c]
             continue
@@ -331,7 +342,7 @@ def build_synthetic(options: SyntheticOptions, context: BuildContext) -> ImageDa
             "description": "Procedurally rendered wall/floor/object scenes whose factors are "
                            "sampled with a Gaussian copula along the configured parent -> child edges.",
             "correlations": [{"parent": p, "child": c, "strength": float(s)}
-                             for p, c, s in options.correlations],
+                             for p, c, s in options.edges()],
             "factor_levels": {name: FACTOR_LEVELS[name] for name in names},
             "fixed_factors": {name: levels // 2 for name, levels in FACTOR_LEVELS.items()
                               if name not in names},
@@ -348,7 +359,7 @@ def build_synthetic(options: SyntheticOptions, context: BuildContext) -> ImageDa
 def _independent_set(options: SyntheticOptions, seed: int, eval_seed: int, n: int, cache_dir: Path) -> ImageDataset:
     """``n`` freshly rendered images of the same factors with every correlation off (cached), drawn
     with a seed of their own so that no image repeats a training one by construction."""
-    independent = replace(options, n_images=int(n), correlations=[])
+    independent = replace(options, n_images=int(n), correlations=[], strength=None)
     own_seed = int(np.random.SeedSequence([seed, eval_seed, 0x1D]).generate_state(1)[0])
     names = list(independent.factors)
     factors = sample_factors(independent, own_seed)

@@ -149,3 +149,33 @@ def test_relation_aware_baselines_use_the_base_graph(base, registry, tmp_path):
     assert plan["gem_single"]["graph"]["plugin"] == "fixed"  # a variant that chooses its graph keeps it
     flat = {r.variant: d for r, d in plan_runs(base, ["beta_vae"], [0], tmp_path, VARIANTS, registry)}
     assert flat["beta_vae"]["graph"]["plugin"] == "identity"
+
+
+def test_sweep_runs_one_comparison_per_value_and_plots_against_it(tiny_recipe, tmp_path):
+    from gem.compare import SWEEP_COLUMNS, parse_sweep, sweep
+
+    assert parse_sweep("dataset.strength=0, 0.5") == ("dataset.strength", ["0", "0.5"])
+    for bad in ("dataset.strength=0", "strength=0,1", "dataset.strength"):
+        with pytest.raises(RecipeError, match="stage.key=value1,value2"):
+            parse_sweep(bad)
+    out = tmp_path / "sweep"
+    settings = {"metrics": ["disentanglement", "relations"], "n_train": 100, "n_test": 50, "dci_n_train": 100,
+                "dci_n_test": 50, "dci_trees": 5, "n_boot": 5}
+    with pytest.raises(RecipeError, match=r"--sweep dataset.strength=2.*strength must be in"):
+        sweep(tiny_recipe, "dataset.strength", ["0", "2"], ["beta_vae"], [0], out, eval_settings=settings,
+              log=lambda line: None)
+    assert not out.exists()   # a bad value stops the sweep before anything trains
+    records = sweep(tiny_recipe, "dataset.strength", ["0", "0.5"], ["beta_vae"], [0], out, jobs=2, threads=1,
+                    eval_settings=settings, log=lambda line: None)
+    assert {v: [r.status for r in recs] for v, recs in records.items()} == {"0": ["done"], "0.5": ["done"]}
+    for value in ("0", "0.5"):
+        recipe = (out / f"dataset.strength={value}" / "runs" / "beta_vae-s0" / "recipe.yaml").read_text()
+        assert f"strength: {value}" in recipe
+    table = (out / "sweep.md").read_text()
+    assert "| beta_vae | 0 |" in table and "| beta_vae | 0.5 |" in table
+    assert all(label in table for label, *_ in SWEEP_COLUMNS)
+    assert len((out / "sweep.csv").read_text().splitlines()) == 3
+    assert (out / "figures" / "sweep.png").stat().st_size > 10_000
+    again = sweep(tiny_recipe, "dataset.strength", ["0", "0.5"], ["beta_vae"], [0], out, jobs=1, threads=1,
+                  eval_settings=settings, log=lambda line: None)
+    assert [r.status for recs in again.values() for r in recs] == ["reused", "reused"]

@@ -224,3 +224,24 @@ def test_registration():
     assert registration.factory is build_synthetic
     assert registration.options is SyntheticOptions
     assert registration.description
+
+
+def test_strength_sets_every_edge_and_keeps_signs():
+    from gem.somers_d import somers_d_matrix
+
+    options = SyntheticOptions(n_images=4000, strength=0.9)
+    assert options.edges() == [["object_hue", "scale", 0.9], ["floor_hue", "wall_hue", 0.9],
+                               ["shape", "position", -0.9]]
+    levels = np.array([FACTOR_LEVELS[name] for name in options.factors])
+
+    def strongest(opts):
+        d = somers_d_matrix(np.minimum(sample_factors(opts, 0) * 6 // levels, 5))
+        return np.abs(d - np.diag(np.diag(d))).max()
+
+    assert strongest(SyntheticOptions(n_images=4000, strength=0.0)) < 0.06
+    assert strongest(SyntheticOptions(n_images=4000, strength=0.4)) < strongest(options)
+    with pytest.raises(ValueError, match=r"strength must be in \[0.0, 0.99\]"):
+        SyntheticOptions(strength=1.0)
+    two_parents = [["object_hue", "scale", 0.1], ["floor_hue", "scale", 0.1]]
+    with pytest.raises(ValueError, match="squared strengths into 'scale' sum to 1.62"):
+        SyntheticOptions(correlations=two_parents, strength=0.9)
