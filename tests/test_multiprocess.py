@@ -147,7 +147,9 @@ def test_sharded_scoring_makes_the_same_requests_as_one_process(tiny_recipe, tmp
     assert len(runs[1]) == len(runs[2]) == 40  # per_image mode: one request per image, none twice
     assert (tmp_path / "run1" / "scores.csv").read_text() == (tmp_path / "run2" / "scores.csv").read_text()
     metrics = json.loads((tmp_path / "run2" / "metrics.json").read_text())
-    assert metrics["oracle"]["requests"] == 40 and metrics["oracle"]["images_asked"] == 40
+    # Summed over both processes; on a starved machine a reply can time out and be asked again.
+    oracle = metrics["oracle"]
+    assert oracle["requests"] == 40 + oracle["retries"] and oracle["images_asked"] == 40
     for file in (tmp_path / "run2").rglob("*"):
         if file.is_file():
             assert KEY.encode() not in file.read_bytes(), file
