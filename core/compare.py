@@ -31,6 +31,7 @@ from gem.figures import plot_comparison, plot_sweep
 from gem.io import atomic_write_text, write_json
 from gem.plugins import PluginError, Registry, make_plugin_manager
 from gem.recipe import DEFAULT_RECIPE, RecipeError, apply_overrides, load_recipe_file, validate_recipe
+from gem.run_report import FACTOR_SET_MEANINGS, codes_sentence
 
 
 @dataclass(frozen=True)
@@ -150,14 +151,9 @@ COLUMNS: list[tuple[str, str, int, str]] = [
 ]
 
 
-#: What the two codes of the disentanglement columns are.
-CODES_NOTE = ("Disentanglement columns come in pairs: μ is the exogenous code (the encoder's means in bound "
-              "attribute order, each attribute's own part), Aᵀμ the attribute code the decoder reads (each "
-              "attribute with what its parents pass on through the learned graph); with the identity graph "
-              "of the flat baselines the two are the same.")
-#: What the factor sets mean.
-FACTOR_SET_NOTE = ("independent: images whose factors were drawn independently of each other, the protocol for "
-                   "data whose training factors are correlated; training: the data set's own images")
+#: What the paired disentanglement columns are.
+CODES_NOTE = ("Disentanglement columns come in pairs, μ and Aᵀμ (the same for the flat baselines, whose graph is "
+              "the identity). " + codes_sentence())
 
 
 def _lookup(metrics: dict, path: str) -> Any:
@@ -360,8 +356,9 @@ def write_outputs(out: Path, records: Sequence[RunRecord], methods: Sequence[str
     report = (f"# gem compare\n\nBase recipe: `{settings.get('recipe') or 'built-in synthetic default'}`; "
               f"seeds {settings['seeds']}; training steps {settings['steps']}.\n\n## Methods\n\n{described}\n\n"
               f"## Results (mean ± std over seeds; best in bold)\n\n{table}\n![comparison]({figure.relative_to(out)})\n"
-              f"\n{CODES_NOTE} Disentanglement was measured on {' and '.join(factor_sets) or 'no'} factors "
-              f"({FACTOR_SET_NOTE}).\n")
+              f"\n{CODES_NOTE} Disentanglement was measured on {' and '.join(factor_sets) or 'no'} factors"
+              + "".join(f"; {name}: {FACTOR_SET_MEANINGS[name]}" for name in factor_sets if name in FACTOR_SET_MEANINGS)
+              + ".\n")
     if failures:
         report += f"\n## Failed runs\n\n{failures}\n"
     atomic_write_text(out / "report.md", report)

@@ -69,7 +69,7 @@ from gem.io import write_json
 from gem.labels import auxiliary_variable
 from gem.relations import RelationModel
 from gem.run_folder import TrainedRun, load_run
-from gem.run_report import write_run_report
+from gem.run_report import CODE_MEANINGS, write_run_report
 from gem.training import encode_images, run_step, to_float
 
 __all__ = ["GROUPS", "QUICK_METRICS", "EvalSettings", "END_OF_RUN", "select_metrics", "evaluate", "record",
@@ -113,8 +113,10 @@ class EvalSettings:
     efficiency_warmup: int = 2
 
     def __post_init__(self) -> None:
+        from gem.errors import ConfigurationError  # a ValueError the command line shows as one line
+
         if self.n_train < 1 or self.n_test < 0:
-            raise ValueError(f"n_train must be >= 1 and n_test >= 0; got {self.n_train} and {self.n_test}")
+            raise ConfigurationError(f"n_train must be >= 1 and n_test >= 0; got {self.n_train} and {self.n_test}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -157,12 +159,7 @@ def select_metrics(metrics: Optional[Sequence[str]]) -> tuple[list[str], Optiona
 
 
 #: The two codes every disentanglement metric is computed on, with what each one is.
-CODES = {
-    "exogenous": "the encoder's mean code μ in bound attribute order: each attribute's own (exogenous) part, "
-                 "before the relation graph",
-    "attribute": "the code the decoder reads, z_rel = Aᵀμ in bound attribute order: each attribute's value "
-                 "including what its parents pass on through the graph",
-}
+CODES = CODE_MEANINGS
 
 
 def _evaluation_pool(ds: ImageDataset, size: int, seed: int) -> tuple[ImageDataset, np.ndarray, str]:

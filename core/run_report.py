@@ -15,17 +15,25 @@ import yaml
 from gem.report import Report
 
 
-#: What the two codes of the disentanglement table are, in words.
-CODES_TEXT = ("The exogenous code μ is the encoder's mean in bound attribute order: each attribute's own part, "
-              "before the relation graph. The attribute code z_rel = Aᵀμ is what the decoder reads: each attribute "
-              "with what its parents pass on through the learned graph A.")
-#: What the factor set of the evaluation images means, in words.
-FACTOR_SET_TEXT = {
-    "independent": "Their factors were drawn independently of each other (not as in training), the usual "
-                   "protocol for correlated data: a code scores well only if it separates the factors themselves.",
-    "training": "They are the data set's own images, so where its factors are correlated a code that mixes "
-                "correlated factors is not penalised for it.",
+#: The two codes disentanglement is measured on, in words (metrics.json, the report and gem compare).
+CODE_MEANINGS = {
+    "exogenous": "μ, the encoder's mean in bound attribute order: each attribute's own (exogenous) part, "
+                 "before the relation graph",
+    "attribute": "z_rel = Aᵀμ, the code the decoder reads: each attribute with what its parents pass on "
+                 "through the learned graph A",
 }
+#: What the factor set of the evaluation images means, in words.
+FACTOR_SET_MEANINGS = {
+    "independent": "their factors were drawn independently of each other (not as in training), the usual "
+                   "protocol for correlated data: a code scores well only if it separates the factors themselves",
+    "training": "they are the data set's own images, so where its factors are correlated a code that mixes "
+                "correlated factors is not penalised for it",
+}
+
+
+def codes_sentence() -> str:
+    """One sentence per code, for captions."""
+    return " ".join(f"The {code} code is {meaning}." for code, meaning in CODE_MEANINGS.items())
 
 
 def _load(path: Path) -> Any:
@@ -114,8 +122,8 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
         doc.add_table("Disentanglement",
                       [{"metric": k, "exogenous code μ": exo.get(k, ""), "attribute code z_rel = Aᵀμ": attr.get(k, "")}
                        for k in dict.fromkeys([*exo, *attr])],
-                      f"On {setting.get('pool', '?')} images with {factor_set} factors. " + FACTOR_SET_TEXT[factor_set]
-                      + " " + CODES_TEXT + (" The learned graph is the identity here, so the two columns are one "
+                      f"On {setting.get('pool', '?')} images with {factor_set} factors: "
+                      + FACTOR_SET_MEANINGS[factor_set] + ". " + codes_sentence() + (" The learned graph is the identity here, so the two columns are one "
                                             "code." if setting.get("identity_graph") else ""))
         if dis.get("bound_rho"):
             doc.add_table("Binding quality",
