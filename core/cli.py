@@ -1,4 +1,5 @@
-"""Command line: ``gem-run RECIPE`` runs a recipe; ``gem plugins`` lists what is installed."""
+"""Command line: ``gem-run RECIPE`` runs a recipe; ``gem plugins`` lists what is installed, ``gem recipes``
+the recipes gem ships."""
 
 from __future__ import annotations
 
@@ -10,16 +11,22 @@ from typing import Optional, Sequence
 
 from gem import __version__
 from gem.cli_errors import guard
+from gem.errors import ConfigurationError
 from gem.plugins import STAGES, Registry, describe_plugins, make_plugin_manager
-from gem.recipe import DEFAULT_RECIPE, RecipeError, apply_overrides, load_recipe_file, validate_recipe
+from gem.recipe import (DEFAULT_RECIPE, apply_overrides, load_recipe_file, recipe_summary, shipped_recipes,
+                        validate_recipe)
 
 
 def _run_parser(prog: str = "gem-run") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Run a gem recipe (the built-in synthetic default when none is given).")
-    parser.add_argument("recipe", nargs="?", help="path to a YAML recipe")
+    parser.add_argument("recipe", nargs="?",
+                        help="a YAML recipe file, or the name of a shipped recipe such as celeba (gem recipes lists them)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a recipe key, e.g. --set training.steps=500 (repeatable)")
-    parser.add_argument("--out", type=Path, help="run folder (default: <recipe out>/<name>-<timestamp>)")
+    parser.add_argument("--out", type=Path, help="run folder (default: <recipe out>/<name>-<timestamp>); "
+                                                 "one that holds a run is refused unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --out: remove the run already in that folder first")
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last checkpoint (RECIPE defaults to its recipe.yaml)")
@@ -71,11 +78,15 @@ def run_main(argv: Optional[Sequence[str]] = None, prog: str = "gem-run") -> int
 def _run(args: argparse.Namespace) -> int:
     import yaml
 
-    from gem.pipeline import make_run_dir, run_recipe
+    from gem.pipeline import check_out_folder, make_run_dir, run_recipe
     from gem.report import format_summary
+    from gem.training import Interrupted
 
     if args.num_processes < 1:
-        raise RecipeError(f"--num-processes must be >= 1, got {args.num_processes}")
+        raise ConfigurationError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.overwrite and (args.out is None or args.resume is not None):
+        raise ConfigurationError("--overwrite replaces the run in the folder --out names: give --out DIR "
+                                 "(and not --resume)")
     registry = Registry(make_plugin_manager())
     if args.resume is not None:
         from gem.pipeline import resume_recipe
@@ -89,23 +100,40 @@ def _run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0
     accelerator = None
+    fresh = args.resume is None
+    # The folders this command makes: a run that fails before it has scores removes what it wrote,
+    # and the folders too when it made them (see _discard).
+    new_folder = _first_missing(args.out if args.out is not None else Path(recipe.out)) if fresh else None
+    created = fresh and (args.out is None or new_folder is not None)
     if _world_size() > 1:  # launched by accelerate/torchrun: agree on one run folder
         from accelerate.utils import broadcast_object_list
 
         from gem.context import make_accelerator
 
         accelerator = make_accelerator(recipe.training)
-        folder = [str(args.resume or make_run_dir(recipe, args.out)) if accelerator.is_main_process else None]
+        if fresh:
+            check_out_folder(args.out, args.overwrite)  # every process, so that all stop together
+        folder = [str(args.resume or make_run_dir(recipe, args.out, args.overwrite))
+                  if accelerator.is_main_process else None]
         run_dir = Path(broadcast_object_list(folder)[0])
     else:
-        run_dir = args.resume if args.resume is not None else make_run_dir(recipe, args.out)
+        run_dir = args.resume if not fresh else make_run_dir(recipe, args.out, args.overwrite)
         if args.num_processes > 1:
-            return _launch(args, run_dir)
+            status = _launch(args, run_dir)
+            if status not in (0, 130) and fresh:  # 130: stopped by Ctrl-C, which says how to resume
+                _discard(run_dir, created, new_folder)
+            return status
     main = accelerator is None or accelerator.is_main_process
     verb = "resuming" if args.resume is not None else "running"
     if main:
         print(f"gem {__version__}: {verb} recipe {recipe.name!r} into {run_dir}", file=sys.stderr)
-    result = run_recipe(recipe, registry, run_dir, accelerator=accelerator, resume=args.resume is not None)
+    try:
+        result = run_recipe(recipe, registry, run_dir, accelerator=accelerator, resume=not fresh)
+    except (Exception, KeyboardInterrupt) as exc:
+        # Interrupted says how to resume in this folder: keep it.
+        if fresh and main and not isinstance(exc, Interrupted):
+            _discard(run_dir, created, new_folder)
+        raise
     if main:
         print(format_summary(result.summary))
         print(f"report: {run_dir / 'report.html'}")
@@ -114,6 +142,35 @@ def _run(args: argparse.Namespace) -> int:
 
         leave_process_group(accelerator)
     return 0
+
+
+def _first_missing(path: Path) -> Optional[Path]:
+    """The outermost of ``path`` and its parents that does not exist yet (None when ``path`` exists)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _discard(run_dir: Path, created: bool, new_folder: Optional[Path]) -> None:
+    """Remove what a failed run wrote before it had scores (:func:`gem.pipeline.discard_unstarted_run`),
+    and the empty folders above the run folder that this command made (up to ``new_folder``)."""
+    from gem.pipeline import discard_unstarted_run
+
+    if not discard_unstarted_run(run_dir, created):
+        return
+    if not run_dir.exists() and new_folder is not None:
+        for folder in run_dir.parents:
+            if not (folder == new_folder or new_folder in folder.parents) or any(folder.iterdir()):
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # another run has just written into it
+                break
+    what = f"its recipe.yaml from {run_dir}" if run_dir.exists() else f"its folder {run_dir}"
+    print(f"gem: the run stopped before it had scores or a trained model; removed {what}", file=sys.stderr)
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -132,6 +189,14 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes(args: argparse.Namespace) -> int:
+    recipes = shipped_recipes()
+    width = max((len(name) for name in recipes), default=0)
+    for name, path in recipes.items():
+        print(f"{name:<{width}}  {recipe_summary(path)}".rstrip())
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="gem", description="gem: relation-aware disentanglement with plugins")
     parser.add_argument("--version", action="version", version=f"gem {__version__}")
@@ -139,6 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_plugins = sub.add_parser("plugins", help="list installed plugins and what they register")
     p_plugins.add_argument("--json", action="store_true", help="machine-readable output")
     p_plugins.add_argument("--debug", action="store_true")
+    p_recipes = sub.add_parser("recipes", help="list the recipes gem ships (run one by name: gem-run NAME)")
+    p_recipes.add_argument("--debug", action="store_true")
     sub.add_parser("run", help="run a recipe (same as gem-run)", add_help=False)
     sub.add_parser("eval", help="evaluate a finished run folder (metrics, figures, report)", add_help=False)
     sub.add_parser("oracle-eval", help="score images with the recipe's oracle and compare with the data set's labels",
@@ -161,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return oracle_main(argv[1:])
     args = parser.parse_args(argv)
-    return guard(lambda: _plugins(args), args.debug, "gem")
+    return guard(lambda: (_recipes if args.command == "recipes" else _plugins)(args), args.debug, "gem")
 
 
 if __name__ == "__main__":  # pragma: no cover

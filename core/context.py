@@ -16,16 +16,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from gem.errors import DataError
 from gem.interfaces import BuildContext, ImageDataset
 from gem.plugins import Registry
 from gem.recipe import Recipe, TrainingOptions
 
 __all__ = ["DataError", "Split", "RunContext", "make_accelerator", "leave_process_group", "split_indices",
            "timestamped_folder"]
-
-
-class DataError(ValueError):
-    """The data set is missing, empty or unusable."""
 
 
 class Split(NamedTuple):

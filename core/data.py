@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from gem.errors import DataError, GemError
 from gem.io import to_jsonable, write_json
 from gem.recipe import check_ranges
 from gem.labels import label_scale
@@ -92,7 +93,7 @@ _BLOCK = 256                 # sources decoded per block (bounds what is in flig
 _SKIPPED_IN_INFO = 20        # skipped files listed in ImageDataset.info
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(GemError, FileNotFoundError):
     """A data set is missing or empty; the message lists the files expected and where.
 
     Parameters
@@ -458,8 +459,8 @@ def build_array_cache(cache_path: Union[str, Path], n: int,
                 written[rows] = True
                 bar.update(len(rows))
         if not written.all():
-            raise ValueError(f"{desc}: {int((~written).sum())} of {n} rows were never written; "
-                             "the source file is shorter than its labels")
+            raise DataError(f"{desc}: {int((~written).sum())} of {n} rows were never written; "
+                            "the source file is shorter than its labels")
         write_json(_sidecar(path), {"version": CACHE_VERSION, "n_sources": int(n), "image_size": int(image_size),
                                     "rows": int(n), "desc": desc, "skipped": []})
         writer.finish(int(n))

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from gem.errors import ConfigurationError
 from gem.metrics import spearman_mcc
 
 __all__ = [
@@ -578,8 +579,8 @@ def resolve_metrics(metrics: Optional[Iterable[str]]) -> list[str]:
     for item in metrics:
         name = item if item in METRICS else by_key.get(item)
         if name is None:
-            raise ValueError(f"unknown disentanglement metric {item!r}; choose from "
-                             f"{', '.join(METRICS)} (or any of their result keys)")
+            raise ConfigurationError(f"unknown disentanglement metric {item!r}; choose from "
+                                     f"{', '.join(METRICS)} (or any of their result keys)")
         if name not in chosen:
             chosen.append(name)
     return [name for name in METRICS if name in chosen]

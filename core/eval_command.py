@@ -12,7 +12,8 @@ import numpy as np
 
 from gem.cli_errors import guard
 from gem.disentanglement import METRICS as DIS_METRICS
-from gem.evaluation import GROUPS, EvalSettings, evaluate_run
+from gem.errors import ConfigurationError
+from gem.evaluation import GROUPS, EvalSettings, evaluate_run, select_metrics
 from gem.report import text_table
 
 __all__ = ["format_eval_table", "eval_main"]
@@ -74,6 +75,10 @@ def eval_main(argv: Optional[Sequence[str]] = None, prog: str = "gem eval") -> i
     args = _eval_parser(prog).parse_args(argv)
 
     def action() -> int:
+        try:  # the names alone, before the run folder is loaded
+            select_metrics(args.metrics)
+        except ValueError as exc:
+            raise ConfigurationError(f"--metrics: {exc}") from None
         settings = EvalSettings(n_train=args.n_train, n_test=args.n_test, seed=args.seed,
                                 feature_extractor=args.feature_extractor, fid_images=args.fid_images,
                                 dci_trees=args.dci_trees, dci_n_train=args.dci_n_train, dci_n_test=args.dci_n_test)

@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gem.errors import ConfigurationError, MissingDependencyError
+
 __all__ = [
     "INSTALL_HINT", "FeatureExtractor", "as_image_tensor", "ssim", "load_feature_extractor",
     "extract_features", "fid_from_features", "kid_from_features", "fid", "kid",
@@ -170,7 +172,7 @@ class _InceptionFeatures(nn.Module):
         from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
         if not _TORCH_FIDELITY_AVAILABLE:
-            raise ModuleNotFoundError(INSTALL_HINT)
+            raise MissingDependencyError(INSTALL_HINT)
         from torchmetrics.image.fid import NoTrainInceptionV3
 
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
@@ -193,10 +195,10 @@ def _import_object(spec: str) -> Any:
     try:
         obj = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"feature_extractor {spec!r}: cannot import {module_name!r} ({error})") from error
+        raise ConfigurationError(f"feature_extractor {spec!r}: cannot import {module_name!r} ({error})") from error
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"feature_extractor {spec!r}: {module_name!r} has no attribute {attr!r}")
+            raise ConfigurationError(f"feature_extractor {spec!r}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if isinstance(obj, nn.Module):
         return obj
@@ -204,7 +206,7 @@ def _import_object(spec: str) -> Any:
         built = obj()
         if isinstance(built, nn.Module) or callable(built):
             return built
-    raise ValueError(f"feature_extractor {spec!r} is not an nn.Module, a class or a factory of one")
+    raise ConfigurationError(f"feature_extractor {spec!r} is not an nn.Module, a class or a factory of one")
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -225,18 +227,18 @@ def _load_file(path: Path, weights_only: bool) -> Any:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as error:
-        raise ValueError(
+        raise ConfigurationError(
             f"feature_extractor file {str(path)!r} is a pickled module, which torch.load opens only with "
             "weights_only=False, and that runs code from the file. Pass weights_only=False if you trust "
             "it, or save the module as TorchScript (torch.jit.script(model).save(path))."
         ) from error
     if isinstance(obj, dict):
-        raise ValueError(
+        raise ConfigurationError(
             f"feature_extractor file {str(path)!r} holds a state dict, not a module: it has no architecture. "
             "Point feature_extractor to 'package.module:attr' that builds the module and loads these weights."
         )
     if not (isinstance(obj, nn.Module) or callable(obj)):
-        raise ValueError(f"feature_extractor file {str(path)!r} holds a {type(obj).__name__}, not a module")
+        raise ConfigurationError(f"feature_extractor file {str(path)!r} holds a {type(obj).__name__}, not a module")
     return obj
 
 
@@ -256,9 +258,10 @@ def load_feature_extractor(spec: FeatureSpec = None, *, weights_only: bool = Tru
 
     Raises
     ------
-    ModuleNotFoundError : the Inception-v3 was asked for and torch-fidelity is missing; the
-        message says what to install or pass instead.
-    ValueError : a spec that is none of the accepted forms, or a file that cannot be used.
+    MissingDependencyError (a ModuleNotFoundError) : the Inception-v3 was asked for and
+        torch-fidelity is missing; the message says what to install or pass instead.
+    ConfigurationError (a ValueError) : a spec that is none of the accepted forms, or a file that
+        cannot be used.
     """
     if isinstance(spec, FeatureExtractor):
         return spec
@@ -272,9 +275,9 @@ def load_feature_extractor(spec: FeatureSpec = None, *, weights_only: bool = Tru
             return FeatureExtractor(_load_file(path, weights_only))
         if isinstance(spec, str) and _IMPORT_PATH.match(spec):
             return FeatureExtractor(_import_object(spec))
-        raise ValueError(f"feature_extractor {str(spec)!r} is neither an existing file nor an import path "
-                         "'package.module:attr'. " + INSTALL_HINT)
-    raise ValueError(f"feature_extractor of type {type(spec).__name__} is not accepted. " + INSTALL_HINT)
+        raise ConfigurationError(f"feature_extractor {str(spec)!r} is neither an existing file nor an import path "
+                                 "'package.module:attr'. " + INSTALL_HINT)
+    raise ConfigurationError(f"feature_extractor of type {type(spec).__name__} is not accepted. " + INSTALL_HINT)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
+from gem.errors import ConfigurationError
 from gem.somers_d import LEVELS as SCORE_LEVELS
 from gem.somers_d import somers_d_matrix
 
@@ -62,18 +63,20 @@ def auxiliary_variable(extractor: Any, dataset: "ImageDataset", plugin: Optional
     """The auxiliary variable u an extractor asks for (``Extractor.auxiliary``), one row per image.
 
     None when the extractor asks for none; the data set's factors, else its attribute scores, as
-    float32 for ``"labels"``. Raises ValueError for any other kind, or when the data set has no labels.
+    float32 for ``"labels"``. Raises :class:`gem.errors.ConfigurationError` (a ValueError) for any
+    other kind, or when the data set has no labels.
     """
     kind = getattr(extractor, "auxiliary", None)
     if kind is None:
         return None
     if kind != "labels":
-        raise ValueError(f"extractor {plugin!r} asks for the auxiliary variable {kind!r}; gem provides 'labels'")
+        raise ConfigurationError(f"extractor {plugin!r} asks for the auxiliary variable {kind!r}; "
+                                 "gem provides 'labels'")
     labels = dataset.factors if dataset.factors is not None else dataset.attribute_scores
     if labels is None:
-        raise ValueError(f"extractor {plugin!r} learns from labels (auxiliary variable u), but this data set "
-                         "has neither ground-truth factors nor attribute scores; use a data set with labels "
-                         "(synthetic, shapes3d, dsprites, celeba) or another extractor")
+        raise ConfigurationError(f"extractor {plugin!r} learns from labels (auxiliary variable u), but this data set "
+                                 "has neither ground-truth factors nor attribute scores; use a data set with labels "
+                                 "(synthetic, shapes3d, dsprites, celeba) or another extractor")
     return np.asarray(labels, dtype=np.float32)
 
 

@@ -30,7 +30,8 @@ import yaml
 
 from gem import __version__
 from gem.cli_errors import guard
-from gem.context import DataError, RunContext, timestamped_folder
+from gem.context import RunContext, timestamped_folder
+from gem.errors import ConfigurationError, DataError
 from gem.figures import plot_oracle_quality
 from gem.io import atomic_write_text, write_json
 from gem.metrics import oracle_quality
@@ -108,7 +109,7 @@ def evaluate_oracle(recipe: Recipe, registry: Registry, out_dir: Path, n_images:
                         f"expected {(len(dataset), len(attributes))} (images, attributes)")
     n = recipe.scoring.n_images if n_images is None else int(n_images)
     if n < 1:
-        raise ValueError(f"the number of images to score must be at least 1, got {n}")
+        raise ConfigurationError(f"the number of images to score must be at least 1, got {n}")
     n = min(n, len(dataset))
     indices = np.arange(n)
     pm.hook.gem_on_stage_end(stage="data", outputs={"dataset": dataset})
@@ -201,7 +202,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Score images with a recipe's relation oracle and compare the scores with the "
                                "data set's labels (accuracy per attribute, missing and all-zero answers).")
-    parser.add_argument("recipe", nargs="?", help="path to a YAML recipe (default: the built-in synthetic recipe)")
+    parser.add_argument("recipe", nargs="?", help="a YAML recipe file or the name of a shipped recipe "
+                                                  "(default: the built-in synthetic recipe)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a recipe key, e.g. --set oracle.error_rate=0.2 (repeatable)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: <recipe out>/<name>-oracle-<timestamp>)")
@@ -226,7 +228,7 @@ def _oracle_eval(args: argparse.Namespace) -> int:
     registry = Registry(make_plugin_manager())
     recipe = validate_recipe(data, registry)
     if args.n_images is not None and args.n_images < 1:
-        raise ValueError(f"--n-images must be at least 1, got {args.n_images}")
+        raise ConfigurationError(f"--n-images must be at least 1, got {args.n_images}")
     out_dir = _out_dir(recipe, args.out)
     print(f"gem {__version__}: evaluating oracle {recipe.plugin_name('oracle')!r} on data set "
           f"{recipe.plugin_name('dataset')!r} into {out_dir}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from accelerate.utils import set_seed
 from gem import evaluation, figures
 from gem.binding import bind_latents
 from gem.context import RunContext, Split, timestamped_folder
+from gem.errors import ConfigurationError
 from gem.evaluation import END_OF_RUN, QUICK_METRICS, EvalSettings
 from gem.interfaces import ImageDataset, Ranking
 from gem.io import atomic_write_bytes, atomic_write_text, write_json
@@ -40,12 +42,80 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def make_run_dir(recipe: Recipe, out: Optional[Path] = None) -> Path:
-    """``out`` when given, else ``<recipe.out>/<name>-<timestamp>`` (never an existing folder)."""
+#: Everything a run writes into its folder (gem-run, then gem eval); ``--overwrite`` removes these.
+RUN_OUTPUTS = ("recipe.yaml", "scores.csv", "impact.json", "impact.csv", "metrics.json", "history.json", "model.pt",
+               "checkpoint", "figures", "report.html", "report.md")
+#: Files that mark a folder as holding a run, finished or not.
+RUN_MARKERS = ("recipe.yaml", "model.pt", "metrics.json", "scores.csv", "checkpoint")
+#: What a run writes before it asks the oracle or trains: nothing worth keeping.
+_BEFORE_SCORING = ("recipe.yaml", "figures")
+
+
+def existing_run(folder: Path) -> list[str]:
+    """The :data:`RUN_MARKERS` ``folder`` holds (empty when it holds no run or does not exist)."""
+    folder = Path(folder)
+    return [name for name in RUN_MARKERS if (folder / name).exists()] if folder.is_dir() else []
+
+
+def check_out_folder(out: Optional[Path], overwrite: bool = False) -> None:
+    """Refuse ``--out`` when it is a file, or a folder that already holds a run (unless ``overwrite``):
+    two runs' files must never mix."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigurationError(f"--out {str(out)!r} is a file, not a folder")
+    found = existing_run(out)
+    if found and not overwrite:
+        raise ConfigurationError(f"--out {str(out)!r} already holds a run ({', '.join(found)}); choose another "
+                                 f"folder, add --overwrite to replace that run, or continue it with --resume {out}")
+
+
+def make_run_dir(recipe: Recipe, out: Optional[Path] = None, overwrite: bool = False) -> Path:
+    """``out`` when given, else ``<recipe.out>/<name>-<timestamp>`` (never an existing folder).
+
+    An ``out`` that already holds a run is refused (:func:`check_out_folder`) unless ``overwrite``,
+    which first removes the old run's files (:data:`RUN_OUTPUTS`; other files stay and are named).
+    """
     if out is None:
         out = timestamped_folder(Path(recipe.out), recipe.name)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    check_out_folder(out, overwrite)
+    if overwrite and existing_run(out):
+        for name in RUN_OUTPUTS:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        others = sorted(p.name for p in out.iterdir())
+        kept = f"; kept what gem did not write: {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}" \
+            if others else ""
+        print(f"gem: --overwrite: removed the earlier run's files from {out}{kept}", file=sys.stderr)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot create the run folder {str(out)!r}: {exc.strerror or exc}") from None
     return out
+
+
+def discard_unstarted_run(run_dir: Path, created: bool) -> bool:
+    """Undo what a run that failed before it had scores wrote into ``run_dir``: its recipe.yaml and
+    empty figures/ folder, then the folder itself when the run ``created`` it and it is empty.
+    A folder with any other run output (scores.csv, which ``--resume`` reuses, a checkpoint, ...)
+    is left as it is; files gem did not write always stay. Returns whether anything was removed."""
+    run_dir = Path(run_dir)
+    figures = run_dir / "figures"
+    if not run_dir.is_dir() or any((run_dir / name).exists() for name in RUN_OUTPUTS if name not in _BEFORE_SCORING):
+        return False
+    if figures.exists() and (not figures.is_dir() or figures.is_symlink() or any(figures.iterdir())):
+        return False
+    if figures.exists():
+        figures.rmdir()
+    (run_dir / "recipe.yaml").unlink(missing_ok=True)
+    if created and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+    return True
 
 
 def resume_recipe(run_dir: Path, data: Optional[dict], overrides: Sequence[str], registry: Registry) -> Recipe:

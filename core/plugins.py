@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 
 import pluggy
 
+from gem.errors import GemError
 from gem.hooks import PROJECT, specs
 
 #: Stage name -> registration hook name, in pipeline order.
@@ -43,7 +44,7 @@ BUILTIN_PLUGINS = (
 )
 
 
-class PluginError(ValueError):
+class PluginError(GemError, ValueError):
     """A plugin could not be found, registered or built."""
 
 

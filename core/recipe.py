@@ -8,6 +8,7 @@ accepts.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,10 +17,11 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
 
+from gem.errors import ConfigurationError
 from gem.plugins import STAGES, PluginError, Registry
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigurationError):
     """The recipe is malformed; the message names the key and the allowed values."""
 
 
@@ -162,11 +164,79 @@ DEFAULT_RECIPE: dict[str, Any] = {
 }
 
 
+def shipped_recipe_folder() -> Optional[Path]:
+    """The folder of the recipes gem ships: ``gem/recipes`` in an installed package (setup.cfg
+    maps the top-level ``recipes/`` folder there), else ``recipes/`` next to ``core/`` in a source
+    checkout (an editable install). None when there is neither."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "recipes", here.parent / "recipes" if here.name == "core" else None):
+        if folder is not None and folder.is_dir():
+            return folder
+    return None
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name (the file name without ``.yaml``) -> path of every shipped recipe, sorted by name."""
+    folder = shipped_recipe_folder()
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder is not None else {}
+
+
+def recipe_summary(path: Union[str, Path]) -> str:
+    """One line about a recipe file (what ``gem recipes`` prints): the first line of its leading
+    comment, cut back to its first sentence, or to the last clause that the line completes when
+    the sentence runs on (``""`` when the file does not start with a comment)."""
+    lines = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if not text.startswith("#") or (lines and not text.lstrip("#").strip()):
+            break
+        if text.lstrip("#").strip():
+            lines.append(text.lstrip("#").strip())
+    if not lines:
+        return ""
+    first, runs_on = lines[0], len(lines) > 1
+    depth, ends = 0, []  # positions of the punctuation that ends a top-level clause
+    for i, char in enumerate(first):
+        depth += (char in "([") - (char in ")]")
+        if depth == 0 and char in ".,;:" and (i + 1 == len(first) or first[i + 1] == " "):
+            if char == "." and i + 1 < len(first):
+                return first[:i]  # a whole sentence
+            ends.append(i)
+    if depth == 0 and ends and ends[-1] == len(first) - 1:
+        return first[:-1].rstrip()  # the line ends a clause
+    if depth == 0 and not runs_on:
+        return first
+    inner = [i for i in ends if i < len(first) - 1]
+    return first[:inner[-1]].rstrip() if inner else first.rstrip(",;:")
+
+
+def find_recipe(spec: Union[str, Path]) -> Path:
+    """The recipe file ``spec`` names: an existing file, else a shipped recipe named by its bare
+    name (``celeba``) or as ``recipes/celeba.yaml`` (the path in a source checkout, which also
+    works after ``pip install``, from any folder). Raises :class:`RecipeError` listing the shipped
+    names otherwise."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    text = str(spec)
+    bare = bool(text) and "/" not in text and os.sep not in text and path.suffix not in (".yaml", ".yml")
+    in_recipes = not path.is_absolute() and len(path.parts) == 2 and path.parts[0] == "recipes" \
+        and path.suffix == ".yaml"
+    shipped = shipped_recipes()
+    name = text if bare else path.stem if in_recipes else None
+    if name in shipped:
+        return shipped[name]
+    known = ", ".join(shipped) or "none found"
+    if bare:
+        raise RecipeError(f"unknown recipe {text!r}: no such file, and gem ships no recipe of that name; "
+                          f"shipped recipes: {known} (`gem recipes` describes them)")
+    raise RecipeError(f"recipe file {text!r} does not exist (shipped recipes, usable by name: {known})")
+
+
 def load_recipe_file(path: Union[str, Path]) -> dict:
-    """Read a recipe with ``yaml.safe_load``; syntax errors name the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    """Read a recipe with ``yaml.safe_load``; syntax errors name the line. ``path`` may also name a
+    shipped recipe (:func:`find_recipe`)."""
+    path = find_recipe(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

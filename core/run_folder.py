@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from gem.context import RunContext, Split
+from gem.errors import GemError, RunFolderContentError
 from gem.interfaces import Extractor, ImageDataset, Ranking
 from gem.io import atomic_write_text, write_json
 from gem.plugins import Registry, make_plugin_manager
@@ -36,7 +37,7 @@ __all__ = ["RUN_FILES", "RunFolderError", "TrainedRun", "read_scores", "write_sc
 RUN_FILES = ("recipe.yaml", "model.pt", "scores.csv", "impact.json")
 
 
-class RunFolderError(FileNotFoundError):
+class RunFolderError(GemError, FileNotFoundError):
     """The folder is not a finished gem run; the message names what is missing."""
 
 
@@ -122,17 +123,18 @@ def read_scores(path: Union[str, Path], attributes: Optional[list[str]] = None) 
     with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
     if not rows or not rows[0] or rows[0][0] != "image":
-        raise ValueError(f"{path}: not a gem scores file (the header must start with 'image')")
+        raise RunFolderContentError(f"{path}: not a gem scores file (the header must start with 'image')")
     header = [h for h in rows[0][1:] if not h.endswith(" (label)")]
     if attributes is not None and list(header) != list(attributes):
-        raise ValueError(f"{path}: columns {header} differ from the data set's attributes {list(attributes)}")
+        raise RunFolderContentError(f"{path}: columns {header} differ from the data set's attributes "
+                                    f"{list(attributes)}")
     width = len(rows[0])
     body = [row for row in rows[1:] if row]
     indices = np.array([int(row[0]) for row in body], dtype=np.int64)
     scores = np.full((len(body), len(header)), np.nan)
     for r, row in enumerate(body):
         if len(row) != width:
-            raise ValueError(f"{path}: row {r + 2} has {len(row)} cells, expected {width}")
+            raise RunFolderContentError(f"{path}: row {r + 2} has {len(row)} cells, expected {width}")
         for c, cell in enumerate(row[1:1 + len(header)]):
             if cell.strip():
                 scores[r, c] = float(cell)
@@ -178,13 +180,13 @@ def read_impact(path: Union[str, Path]) -> dict[str, Any]:
 
 def _load_state(module: torch.nn.Module, state: Any, what: str, path: Path) -> None:
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: the {what!r} entry is not a state dict")
+        raise RunFolderContentError(f"{path}: the {what!r} entry is not a state dict")
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise ValueError(f"{path}: the saved {what} weights do not fit the {what} recipe.yaml builds "
-                         f"({' '.join(first[:3])})") from None
+        raise RunFolderContentError(f"{path}: the saved {what} weights do not fit the {what} recipe.yaml builds "
+                                    f"({' '.join(first[:3])})") from None
 
 
 def load_run(run_dir: Union[str, Path], registry: Optional[Registry] = None, *, accelerator: Any = None) -> TrainedRun:
@@ -199,15 +201,15 @@ def load_run(run_dir: Union[str, Path], registry: Optional[Registry] = None, *, 
 
     Raises
     ------
-    RunFolderError (a FileNotFoundError) naming the missing file; ValueError when the recipe,
-    weights and data set do not fit together.
+    RunFolderError (a FileNotFoundError) naming the missing file; RunFolderContentError (a
+    ValueError) when the recipe, weights and data set do not fit together.
     """
     run_dir = Path(run_dir)
     _check_run_folder(run_dir)
     registry = registry if registry is not None else Registry(make_plugin_manager())
     data = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{run_dir / 'recipe.yaml'}: not a recipe mapping")
+        raise RunFolderContentError(f"{run_dir / 'recipe.yaml'}: not a recipe mapping")
     context = RunContext.open(validate_recipe(data, registry), registry, run_dir, accelerator)
     dataset = context.load_dataset()
     attributes = list(dataset.attributes)
@@ -217,13 +219,13 @@ def load_run(run_dir: Union[str, Path], registry: Optional[Registry] = None, *, 
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
-        raise ValueError(f"{path}: cannot be read as a gem model ({type(exc).__name__}: {exc})") from None
+        raise RunFolderContentError(f"{path}: cannot be read as a gem model ({type(exc).__name__}: {exc})") from None
     if not isinstance(saved, dict) or not {"extractor", "relation"} <= set(saved):
-        raise ValueError(f"{path}: expected a dict with 'extractor' and 'relation' weights")
+        raise RunFolderContentError(f"{path}: expected a dict with 'extractor' and 'relation' weights")
     saved_attributes = list(saved.get("attributes") or attributes)
     if saved_attributes != attributes:
-        raise ValueError(f"{path}: the model was trained on attributes {saved_attributes}, but the data set "
-                         f"recipe.yaml builds has {attributes}")
+        raise RunFolderContentError(f"{path}: the model was trained on attributes {saved_attributes}, but the "
+                                    f"data set recipe.yaml builds has {attributes}")
 
     impact = read_impact(run_dir / "impact.json")
     extractor: Extractor = context.build("extractor")
@@ -242,6 +244,7 @@ def load_run(run_dir: Union[str, Path], registry: Optional[Registry] = None, *, 
         notes.append(f"scores.csv names {len(score_indices)} images that differ from the {len(split.scored)} the "
                      "recipe's split selects; its own image indices are used")
     if len(score_indices) and (score_indices.min() < 0 or score_indices.max() >= len(dataset)):
-        raise ValueError(f"{run_dir / 'scores.csv'}: image indices outside the data set's 0..{len(dataset) - 1}")
+        raise RunFolderContentError(f"{run_dir / 'scores.csv'}: image indices outside the data set's "
+                                    f"0..{len(dataset) - 1}")
     return TrainedRun(context=context, dataset=dataset, extractor=extractor, relation=relation, split=split,
                       score_indices=score_indices, scores=scores, impact=impact, notes=notes)

@@ -23,9 +23,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from gem.errors import GemError
 from gem.interfaces import Extractor
 from gem.io import atomic_write_bytes
-from gem.recipe import TrainingOptions
+from gem.recipe import RecipeError, TrainingOptions
 from gem.relations import RelationModel
 
 #: The checkpoint file inside a checkpoint folder.
@@ -34,11 +35,11 @@ CHECKPOINT_FILE = "state.pt"
 CHECKPOINT_VERSION = 1
 
 
-class NonFiniteLossError(ValueError):
-    """A loss term became NaN or infinite (a ``ValueError``: the CLI shows it as one line)."""
+class NonFiniteLossError(GemError, ValueError):
+    """A loss term became NaN or infinite (a :class:`gem.errors.GemError`: the CLI shows it as one line)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GemError, ValueError):
     """A checkpoint is missing, unreadable or from another run."""
 
 
@@ -223,11 +224,11 @@ class Trainer:
                  checkpoint_dir: Optional[Path] = None, sample_weights: Optional[np.ndarray] = None,
                  auxiliary: Optional[np.ndarray] = None):
         if len(train_indices) < options.batch_size:
-            raise ValueError(f"training.batch_size is {options.batch_size} but only {len(train_indices)} "
-                             "training images are left; lower the batch size or add images")
+            raise RecipeError(f"training.batch_size is {options.batch_size} but only {len(train_indices)} "
+                              "training images are left; lower the batch size or add images")
         if options.batch_size % accelerator.num_processes:
-            raise ValueError(f"training.batch_size is {options.batch_size}, which {accelerator.num_processes} "
-                             "processes cannot share evenly; use a multiple of the number of processes")
+            raise RecipeError(f"training.batch_size is {options.batch_size}, which {accelerator.num_processes} "
+                              "processes cannot share evenly; use a multiple of the number of processes")
         self.options = options
         self.accelerator = accelerator
         self.checkpoint_dir = checkpoint_dir

@@ -25,7 +25,8 @@ def init_weights(module: nn.Module, negative_slope: float = 0.0) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def _check_size(image_size: int) -> None:
+def check_image_size(image_size: int) -> None:
+    """The Burgess networks need image_size to be a power of two >= 16 (raises ValueError otherwise)."""
     if image_size < 16 or image_size & (image_size - 1):
         raise ValueError(f"image_size must be a power of two >= 16, got {image_size}")
 
@@ -35,7 +36,7 @@ class BurgessEncoder(nn.Module):
 
     def __init__(self, latent_dim: int, image_size: int = 64, channels: int = 32, hidden: int = 256):
         super().__init__()
-        _check_size(image_size)
+        check_image_size(image_size)
         layers, in_ch = [], 3
         for _ in range(4):
             layers += [nn.Conv2d(in_ch, channels, 4, stride=2, padding=1), nn.ReLU(inplace=True)]
@@ -57,7 +58,7 @@ class BurgessDecoder(nn.Module):
 
     def __init__(self, latent_dim: int, image_size: int = 64, channels: int = 32, hidden: int = 256):
         super().__init__()
-        _check_size(image_size)
+        check_image_size(image_size)
         self.channels, self.side = channels, image_size // 16
         self.fc = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(inplace=True),
                                 nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
@@ -91,7 +92,7 @@ class JointDiscriminator(nn.Module):
             raise ValueError(f"disc_downsample must divide image_size {image_size}, got {downsample}")
         self.downsample = downsample
         image_size //= downsample
-        _check_size(image_size)
+        check_image_size(image_size)
         layers, in_ch = [], 3
         for _ in range(4):
             layers += [nn.Conv2d(in_ch, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]

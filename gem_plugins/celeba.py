@@ -26,6 +26,7 @@ import numpy as np
 from gem import hookimpl
 from gem.data import (ImageDataOptions, MissingDataError, build_image_cache, cache_file, cache_info,
                       center_square_box, crop_resize, open_rgb)
+from gem.errors import DataError
 from gem.interfaces import BuildContext, ImageDataset
 from gem.labels import true_impact
 
@@ -159,7 +160,7 @@ def read_attribute_table(path: Path) -> tuple[list[str], list[str], np.ndarray]:
     rows = _rows(path, 2)
     bad = next((r for r in rows if len(r) != len(names) + 1), None)
     if bad is not None:
-        raise ValueError(f"celeba: {path}: row {bad[:1]} has {len(bad) - 1} values for {len(names)} attributes")
+        raise DataError(f"celeba: {path}: row {bad[:1]} has {len(bad) - 1} values for {len(names)} attributes")
     files = [r[0] for r in rows]
     labels = np.array([r[1:] for r in rows], dtype=np.int8).reshape(len(rows), len(names))
     return names, files, labels
@@ -205,7 +206,7 @@ def build_celeba(options: CelebAOptions, context: BuildContext) -> ImageDataset:
     columns = [resolve_attribute(a) for a in options.attributes]
     absent = [c for c, _ in columns if c not in names]
     if absent:
-        raise ValueError(f"celeba: {root / ATTR_FILE} has no column {absent}; its columns: {', '.join(names)}")
+        raise DataError(f"celeba: {root / ATTR_FILE} has no column {absent}; its columns: {', '.join(names)}")
     rows = np.arange(len(files))
     if options.split != "all":
         partition = read_partition(root / PARTITION_FILE)

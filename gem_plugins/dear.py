@@ -33,7 +33,7 @@ from torch import nn
 from gem import hookimpl
 from gem.interfaces import BuildContext, ImageDataset, Relation
 from gem.labels import auxiliary_scale
-from gem.recipe import check_ranges
+from gem.recipe import RecipeError, check_ranges
 from gem_plugins.architectures import BurgessDecoder, BurgessEncoder, JointDiscriminator
 from gem_plugins.losses import BaseLoss, JointAdversarialLoss
 from gem_plugins.vae_family import ArchitectureOptions, AttributeModel, sample_posterior
@@ -131,13 +131,13 @@ def super_graph_mask(edges: Optional[Sequence[Sequence[str]]], attributes: Seque
     for parent, child in edges:
         for name in (parent, child):
             if name not in index:
-                raise ValueError(f"extractor.super_graph names {name!r}, which is not one of the recipe's "
-                                 f"attributes ({', '.join(attributes)})")
+                raise RecipeError(f"extractor.super_graph names {name!r}, which is not one of the recipe's "
+                                  f"attributes ({', '.join(attributes)})")
         mask[index[parent], index[child]] = 1.0
     cycle = find_cycle(mask)
     if cycle is not None:
-        raise ValueError("extractor.super_graph has a cycle (" + " -> ".join(attributes[i] for i in cycle)
-                         + "); DEAR's causal model needs a directed acyclic graph")
+        raise RecipeError("extractor.super_graph has a cycle (" + " -> ".join(attributes[i] for i in cycle)
+                          + "); DEAR's causal model needs a directed acyclic graph")
     return torch.from_numpy(mask)
 
 

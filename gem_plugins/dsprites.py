@@ -20,6 +20,7 @@ import numpy as np
 
 from gem import hookimpl
 from gem.data import FactorDataOptions, MissingDataError, shuffled_subset
+from gem.errors import DataError
 from gem.interfaces import BuildContext, ImageDataset
 from gem_plugins.factor_grid import factor_grid_dataset
 
@@ -76,7 +77,7 @@ def _read_exact(fp: IO[bytes], size: int) -> bytes:
     while left:
         chunk = fp.read(left)
         if not chunk:
-            raise ValueError(f"dsprites: 'imgs' ends {left} bytes early (truncated file)")
+            raise DataError(f"dsprites: 'imgs' ends {left} bytes early (truncated file)")
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
@@ -92,7 +93,7 @@ def _read_header(fp: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
     reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran, dtype = reader(fp)
     if fortran:
-        raise ValueError("dsprites: 'imgs' is stored in Fortran order; expected C order")
+        raise DataError("dsprites: 'imgs' is stored in Fortran order; expected C order")
     return tuple(shape), dtype
 
 
@@ -132,24 +133,24 @@ def build_dsprites(options: DSpritesOptions, context: BuildContext) -> ImageData
                                        detail=f"the npz has no {missing}")
             shape, _ = _npz_member_header(zf, "imgs")
     except zipfile.BadZipFile:
-        raise ValueError(f"dsprites: {path} is not an npz (zip) file") from None
+        raise DataError(f"dsprites: {path} is not an npz (zip) file") from None
     with np.load(path, allow_pickle=False) as npz:
         latents = np.asarray(npz["latents_classes"], dtype=np.int64)
     if len(shape) != 3 or latents.shape != (shape[0], 6):
-        raise ValueError(f"dsprites: {path} holds imgs of shape {shape} and latents_classes of shape "
-                         f"{latents.shape}; expected (N, 64, 64) and (N, 6)")
+        raise DataError(f"dsprites: {path} holds imgs of shape {shape} and latents_classes of shape "
+                        f"{latents.shape}; expected (N, 64, 64) and (N, 6)")
     if shape[0] == 0:
         raise MissingDataError("dsprites", path, [f"{FILE_NAME} with at least one image"], detail="the file is empty")
     if options.max_images is not None and options.max_images > shape[0]:
-        raise ValueError(f"dsprites: max_images is {options.max_images} but {path} holds {shape[0]} images")
+        raise DataError(f"dsprites: max_images is {options.max_images} but {path} holds {shape[0]} images")
     all_names = list(FACTOR_LEVELS)
     all_levels = list(FACTOR_LEVELS.values())
     all_classes = latents[:, [FACTOR_COLUMNS[n] for n in all_names]]
     bad = (all_classes < 0) | (all_classes >= np.array(all_levels))
     if bad.any():
         k = int(np.argwhere(bad)[0, 1])
-        raise ValueError(f"dsprites: latents_classes column {FACTOR_COLUMNS[all_names[k]]} ({all_names[k]}) "
-                         f"leaves 0..{all_levels[k] - 1}")
+        raise DataError(f"dsprites: latents_classes column {FACTOR_COLUMNS[all_names[k]]} ({all_names[k]}) "
+                        f"leaves 0..{all_levels[k] - 1}")
     seed = int(context.seed if options.seed is None else options.seed)
     order = shuffled_subset(shape[0], options.max_images, seed)
     return factor_grid_dataset(

@@ -27,6 +27,7 @@ import numpy as np
 from gem import hookimpl
 from gem.data import (IMAGE_EXTENSIONS, ImageDataOptions, MissingDataError, build_image_cache, cache_file,
                       cache_info, center_square_box, crop_resize, find_images, open_rgb)
+from gem.errors import DataError
 from gem.interfaces import BuildContext, ImageDataset
 from gem.labels import true_impact
 
@@ -81,25 +82,25 @@ def read_scores_csv(path: Path) -> tuple[list[str], list[str], np.ndarray, list[
     with open(path, newline="", encoding="utf-8-sig") as fh:
         rows = [r for r in csv.reader(fh) if any(cell.strip() for cell in r)]
     if len(rows) < 2 or len(rows[0]) < 2:
-        raise ValueError(f"image_folder: {path} needs a header (file, attribute, ...) and at least one row")
+        raise DataError(f"image_folder: {path} needs a header (file, attribute, ...) and at least one row")
     header = [h.strip() for h in rows[0]]
     files, values = [], []
     for line, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
-            raise ValueError(f"image_folder: {path} line {line}: {len(row)} cells for {len(header)} columns")
+            raise DataError(f"image_folder: {path} line {line}: {len(row)} cells for {len(header)} columns")
         files.append(row[0].strip())
         try:
             values.append([float(cell) for cell in row[1:]])
         except ValueError:
-            raise ValueError(f"image_folder: {path} line {line}: every attribute value must be a number, "
-                             f"got {row[1:]}") from None
+            raise DataError(f"image_folder: {path} line {line}: every attribute value must be a number, "
+                            f"got {row[1:]}") from None
     data = np.array(values, dtype=np.float64)
     binary = [bool(np.isin(data[:, k], (0.0, 1.0)).all()) for k in range(data.shape[1])]
     for k, name in enumerate(header[1:]):
         column = data[:, k]
         if not np.isfinite(column).all() or column.min() < 0 or column.max() > 5:
-            raise ValueError(f"image_folder: {path} column {name!r} must hold scores in [0, 5] (or 0/1), "
-                             f"got values from {column.min()} to {column.max()}")
+            raise DataError(f"image_folder: {path} column {name!r} must hold scores in [0, 5] (or 0/1), "
+                            f"got values from {column.min()} to {column.max()}")
     scores = np.where(binary, data * 5, np.floor(data + 0.5)).astype(np.int64)
     return files, header[1:], scores, binary
 
@@ -124,8 +125,8 @@ def build_image_folder(options: ImageFolderOptions, context: BuildContext) -> Im
         attributes = attributes or list(columns)
         unknown = [a for a in attributes if a not in columns]
         if unknown:
-            raise ValueError(f"image_folder: attributes {unknown} are not columns of {csv_path}; "
-                             f"columns: {', '.join(columns)}")
+            raise DataError(f"image_folder: attributes {unknown} are not columns of {csv_path}; "
+                            f"columns: {', '.join(columns)}")
         picked = [columns.index(a) for a in attributes]
         scores_all, binary = scores_all[:, picked], [binary[k] for k in picked]
     else:

@@ -30,7 +30,7 @@ from torch import nn
 from gem import hookimpl
 from gem.interfaces import BuildContext, Relation
 from gem.labels import auxiliary_scale
-from gem.recipe import check_ranges
+from gem.recipe import RecipeError, check_ranges
 from gem_plugins.architectures import init_weights
 from gem_plugins.diffusion import (ConditionalUNet, DiffusionDecoder, DiffusionOptions, denoising_loss,
                                    to_model_space)
@@ -156,11 +156,11 @@ def label_columns(options: LabelPriorOptions, context: BuildContext, plugin: str
     k, span = (None, None) if scale is None else (len(scale), scale.astype(np.float32))
     if k is None:
         if options.u_dim is None:
-            raise ValueError(f"extractor {plugin!r} needs K, the number of label columns of u: build it with a "
-                             "data set that has ground-truth factors or attribute scores, or set u_dim")
+            raise RecipeError(f"extractor {plugin!r} needs K, the number of label columns of u: build it with a "
+                              "data set that has ground-truth factors or attribute scores, or set u_dim")
         return options.u_dim, np.ones(options.u_dim, dtype=np.float32)
     if options.u_dim is not None and options.u_dim != k:
-        raise ValueError(f"extractor.u_dim is {options.u_dim} but the data set has {k} label columns")
+        raise RecipeError(f"extractor.u_dim is {options.u_dim} but the data set has {k} label columns")
     return k, span
 
 

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from gem import hookimpl
+from gem.errors import ConfigurationError
 from gem.interfaces import BuildContext, RelationOracle
 
 
@@ -37,8 +38,8 @@ class LabelsOracle(RelationOracle):
     def __init__(self, options: LabelsOracleOptions, context: BuildContext):
         dataset = context.dataset
         if dataset is None or dataset.attribute_scores is None:
-            raise ValueError("the 'labels' oracle needs a data set with attribute labels or factors; "
-                             "this data set has none, so choose another oracle")
+            raise ConfigurationError("the 'labels' oracle needs a data set with attribute labels or factors; "
+                                     "this data set has none, so choose another oracle")
         self.options = options
         self.seed = context.seed if options.seed is None else options.seed
         self.dataset = dataset
@@ -48,7 +49,8 @@ class LabelsOracle(RelationOracle):
         known = self.dataset.attributes
         missing = [a for a in attributes if a not in known]
         if missing:
-            raise ValueError(f"the labels oracle has no label for {missing}; known attributes: {', '.join(known)}")
+            raise ConfigurationError(f"the labels oracle has no label for {missing}; "
+                                     f"known attributes: {', '.join(known)}")
         columns = [known.index(a) for a in attributes]
         scores = self.dataset.attribute_scores[np.asarray(indices)][:, columns].astype(np.float64)
         if self.options.error_rate > 0 or self.options.missing_rate > 0:

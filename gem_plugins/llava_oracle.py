@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from gem import hookimpl
+from gem.errors import ConfigurationError, GemError
 from gem.interfaces import BuildContext, RelationOracle
 from gem_plugins.prompts import MAX_SCORE, MIN_SCORE, PROMPT_VERSION, attribute_prompt, parse_score
 
@@ -80,6 +81,10 @@ class LlavaOracleOptions:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
 
 
+class ModelNotFoundError(GemError, FileNotFoundError):
+    """The model folder or hub id cannot be loaded; the message says what to give instead."""
+
+
 def _looks_like_path(model: str) -> bool:
     """A local path rather than a hub id (``org/name`` or ``name``)."""
     return (os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
@@ -107,7 +112,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def digit_token_ids(tokenizer: Any, model_name: str = "the model") -> list[list[int]]:
     """For each digit 0-5, the ids of every single token that spells it (with or without a space marker).
 
-    Raises ValueError when a digit has no single-token spelling (then use ``mode: generate``).
+    Raises ConfigurationError (a ValueError) when a digit has no single-token spelling (then use
+    ``mode: generate``).
     """
     vocab = tokenizer.get_vocab()
     unk = getattr(tokenizer, "unk_token_id", None)
@@ -119,7 +125,7 @@ def digit_token_ids(tokenizer: Any, model_name: str = "the model") -> list[list[
             ids.add(encoded[0])
         ids.discard(unk)
         if not ids:
-            raise ValueError(
+            raise ConfigurationError(
                 f"llava oracle: the tokenizer of {model_name} has no single token for the digit {digit!r}, so "
                 f"scores cannot be read from the next-token probabilities; set oracle.mode: generate")
         out.append(sorted(ids))
@@ -141,14 +147,15 @@ class LlavaOracle(RelationOracle):
         local = Path(source).expanduser()
         if local.exists():
             if not local.is_dir():
-                raise FileNotFoundError(f"llava oracle: model {source!r} is a file; give the model's folder or a hub id")
+                raise ModelNotFoundError(f"llava oracle: model {source!r} is a file; give the model's folder "
+                                         "or a hub id")
             if not (local / "config.json").is_file():
-                raise FileNotFoundError(f"llava oracle: cannot load model {source!r}: the folder has no config.json "
-                                        f"(not a folder written by save_pretrained)")
+                raise ModelNotFoundError(f"llava oracle: cannot load model {source!r}: the folder has no config.json "
+                                         f"(not a folder written by save_pretrained)")
             source = str(local.resolve())
         elif _looks_like_path(source):
-            raise FileNotFoundError(f"llava oracle: model folder {source!r} does not exist; give a folder written by "
-                                    f"save_pretrained or a Hugging Face hub id such as llava-hf/llava-1.5-7b-hf")
+            raise ModelNotFoundError(f"llava oracle: model folder {source!r} does not exist; give a folder written by "
+                                     f"save_pretrained or a Hugging Face hub id such as llava-hf/llava-1.5-7b-hf")
         self.model_source = source
         common = {"trust_remote_code": options.trust_remote_code, "revision": options.revision}
         try:
@@ -157,12 +164,12 @@ class LlavaOracle(RelationOracle):
         except (OSError, ValueError) as exc:
             offline = " (HF_HUB_OFFLINE is set: the model must be a local folder or already in the cache)" \
                 if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
-            error = FileNotFoundError if isinstance(exc, OSError) else ValueError
+            error = ModelNotFoundError if isinstance(exc, OSError) else ConfigurationError
             raise error(f"llava oracle: cannot load model {options.model!r}{offline}: {exc}") from None
         self.model.to(self.device).eval()
         self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.tokenizer is None:
-            raise ValueError(f"llava oracle: the processor of {options.model!r} has no tokenizer")
+            raise ConfigurationError(f"llava oracle: the processor of {options.model!r} has no tokenizer")
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

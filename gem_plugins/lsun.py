@@ -23,6 +23,7 @@ import numpy as np
 from gem import hookimpl
 from gem.data import (ImageDataOptions, MissingDataError, build_image_cache, cache_file, cache_info,
                       center_square_box, crop_resize, find_images, open_rgb)
+from gem.errors import MissingDependencyError
 from gem.interfaces import BuildContext, ImageDataset
 
 #: Attributes a category gets when the recipe names none (the GEM paper's Figure 5 scenes).
@@ -73,9 +74,9 @@ def _lmdb():
     try:
         import lmdb
     except ImportError:
-        raise ImportError("reading an LSUN LMDB export needs the lmdb package, which is not installed: "
-                          "pip install lmdb (or pip install 'gem-disentangle[lmdb]'), or export the "
-                          "images to a folder and set dataset.source: folder") from None
+        raise MissingDependencyError("reading an LSUN LMDB export needs the lmdb package, which is not installed: "
+                                     "pip install lmdb (or pip install 'gem-disentangle[lmdb]'), or export the "
+                                     "images to a folder and set dataset.source: folder") from None
     return lmdb
 
 

@@ -61,6 +61,7 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 
 from gem import hookimpl
+from gem.errors import GemError
 from gem.interfaces import BuildContext, RelationOracle
 from gem_plugins.prompts import PROMPT_VERSION, attribute_prompt, image_prompt, parse_json_scores, parse_score
 
@@ -72,10 +73,10 @@ RETRY_STATUSES = frozenset({408, 409, 425, 429})
 FATAL_STATUSES = frozenset({401, 403, 404})
 
 
-class OracleError(ValueError):
+class OracleError(GemError, ValueError):
     """The oracle cannot work as configured (no key, server unreachable, key or model rejected).
 
-    A ``ValueError`` so that the command line shows it as a one-line error a user can fix.
+    A :class:`gem.errors.GemError` so that the command line shows it as a one-line error a user can fix.
     """
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from gem import hookimpl
 from gem.data import FactorDataOptions, MissingDataError, shuffled_subset
+from gem.errors import DataError, MissingDependencyError
 from gem.interfaces import BuildContext, ImageDataset
 from gem_plugins.factor_grid import factor_grid_dataset
 
@@ -70,8 +71,8 @@ def _h5py():
     try:
         import h5py
     except ImportError:
-        raise ImportError("the shapes3d data set reads 3dshapes.h5 with h5py, which is not installed: "
-                          "pip install h5py (or pip install 'gem-disentangle[h5]')") from None
+        raise MissingDependencyError("the shapes3d data set reads 3dshapes.h5 with h5py, which is not installed: "
+                                     "pip install h5py (or pip install 'gem-disentangle[h5]')") from None
     return h5py
 
 
@@ -95,7 +96,7 @@ def label_classes(labels: np.ndarray) -> np.ndarray:
     """
     labels = np.asarray(labels, dtype=np.float64)
     if labels.ndim != 2 or labels.shape[1] != len(FACTOR_LEVELS):
-        raise ValueError(f"shapes3d: 'labels' must have shape (N, 6), got {labels.shape}")
+        raise DataError(f"shapes3d: 'labels' must have shape (N, 6), got {labels.shape}")
     classes = np.empty(labels.shape, dtype=np.int64)
     for k, (name, levels) in enumerate(FACTOR_LEVELS.items()):
         column = labels[:, k]
@@ -106,8 +107,8 @@ def label_classes(labels: np.ndarray) -> np.ndarray:
         grid = FACTOR_VALUES[name]
         nearest = np.abs(column[:, None] - grid[None, :]).argmin(axis=1)
         if np.abs(grid[nearest] - column).max() > 1e-3:
-            raise ValueError(f"shapes3d: column {k} ({name}) of 'labels' has {len(values)} distinct values that "
-                             f"do not match the published {levels} values {np.round(grid, 3).tolist()}")
+            raise DataError(f"shapes3d: column {k} ({name}) of 'labels' has {len(values)} distinct values that "
+                            f"do not match the published {levels} values {np.round(grid, 3).tolist()}")
         classes[:, k] = nearest
     return classes
 
@@ -142,12 +143,12 @@ def build_shapes3d(options: Shapes3DOptions, context: BuildContext) -> ImageData
         shape = f["images"].shape
         labels = f["labels"][:]
     if len(shape) != 4 or shape[-1] != 3 or shape[0] != len(labels):
-        raise ValueError(f"shapes3d: {path} holds images of shape {shape} and {len(labels)} label rows; "
-                         f"expected (N, 64, 64, 3) and N rows")
+        raise DataError(f"shapes3d: {path} holds images of shape {shape} and {len(labels)} label rows; "
+                        f"expected (N, 64, 64, 3) and N rows")
     if shape[0] == 0:
         raise MissingDataError("shapes3d", path, [f"{FILE_NAME} with at least one image"], detail="the file is empty")
     if options.max_images is not None and options.max_images > shape[0]:
-        raise ValueError(f"shapes3d: max_images is {options.max_images} but {path} holds {shape[0]} images")
+        raise DataError(f"shapes3d: max_images is {options.max_images} but {path} holds {shape[0]} images")
     seed = int(context.seed if options.seed is None else options.seed)
     order = shuffled_subset(shape[0], options.max_images, seed)
     return factor_grid_dataset(

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from gem import hookimpl
+from gem.errors import DataError
 from gem.interfaces import BuildContext, Ranker, Ranking
 from gem.somers_d import LEVELS, somers_d_bootstrap, somers_d_matrix
 
@@ -36,6 +37,16 @@ class SomersDOptions:
     confidence: float = 0.95
     seed: Optional[int] = None
 
+    def __post_init__(self) -> None:  # checked with the recipe, before any data is loaded
+        _check_options(self)
+
+
+def _check_options(options: SomersDOptions) -> None:
+    if options.bootstrap < 0:
+        raise ValueError(f"bootstrap must be >= 0, got {options.bootstrap}")
+    if not 0.0 < options.confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {options.confidence}")
+
 
 class SomersDRanker(Ranker):
     """Somers' D of every attribute pair (row i independent), with bootstrap intervals."""
@@ -43,10 +54,7 @@ class SomersDRanker(Ranker):
     def __init__(self, options: Optional[SomersDOptions] = None, context: Optional[BuildContext] = None):
         self.options = options if options is not None else SomersDOptions()
         self.context = context
-        if self.options.bootstrap < 0:
-            raise ValueError(f"bootstrap must be >= 0, got {self.options.bootstrap}")
-        if not 0.0 < self.options.confidence < 1.0:
-            raise ValueError(f"confidence must be in (0, 1), got {self.options.confidence}")
+        _check_options(self.options)
 
     def _labels(self, n: int) -> list[str]:
         """How notes and errors name each column: "attribute 'smile'" or "attribute 3"."""
@@ -87,7 +95,7 @@ class SomersDRanker(Ranker):
         codes = rounded.astype(np.intp)
         n_used = len(codes)
         if n_used < 2:
-            raise ValueError(f"Somers' D needs at least 2 images with a complete score; got {n_used} of {n_total}")
+            raise DataError(f"Somers' D needs at least 2 images with a complete score; got {n_used} of {n_total}")
 
         impact = somers_d_matrix(codes, levels=LEVELS)
         for k in range(n):

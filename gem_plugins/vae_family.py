@@ -20,8 +20,8 @@ from typing import Any, Iterable, Literal, Optional
 import torch
 
 from gem.interfaces import BuildContext, Extractor, Relation
-from gem.recipe import check_ranges
-from gem_plugins.architectures import BurgessDecoder, BurgessEncoder
+from gem.recipe import RecipeError, check_ranges
+from gem_plugins.architectures import BurgessDecoder, BurgessEncoder, check_image_size
 from gem_plugins.losses import optimizer_step
 
 
@@ -34,8 +34,8 @@ def attribute_latent_dim(options: Any, context: BuildContext) -> int:
     """The latent size: one latent per attribute; an ``options.latent_dim`` that disagrees is an error."""
     n = len(context.attributes)
     if options.latent_dim is not None and options.latent_dim != n:
-        raise ValueError(f"extractor.latent_dim is {options.latent_dim} but the recipe models {n} attributes "
-                         f"({', '.join(context.attributes)}); gem uses one latent per attribute")
+        raise RecipeError(f"extractor.latent_dim is {options.latent_dim} but the recipe models {n} attributes "
+                          f"({', '.join(context.attributes)}); gem uses one latent per attribute")
     return n
 
 
@@ -61,6 +61,7 @@ class ArchitectureOptions:
 
     def __post_init__(self) -> None:
         check_learning_rates(self)
+        check_image_size(self.image_size)  # what the Burgess networks need, checked with the recipe
 
     def network_sizes(self) -> dict[str, int]:
         """``image_size``, ``channels`` and ``hidden``, the keyword arguments of the Burgess networks."""

@@ -335,14 +335,137 @@ def test_bad_input_is_one_line_without_traceback(case, tmp_path, capsys, monkeyp
     assert re.match(r"gem-run: error: [^\n]*" + message, error), error
     assert error.rstrip().endswith("gem-run: run again with --debug for the traceback")
     assert "Traceback" not in out.err + out.out
-    # Nothing was trained, and nothing was asked of an oracle that could not work.
-    assert not (run_dir / "checkpoint").exists() and not (run_dir / "scores.csv").exists()
+    # Nothing was trained, and nothing was asked of an oracle that could not work; the run folder
+    # this run made is gone again.
+    assert not run_dir.exists()
 
 
 def test_debug_shows_the_traceback(tmp_path):
     path = write_recipe(tmp_path)
     with pytest.raises(Exception, match="latent_dim is 3"):
         run_main([str(path), "--out", str(tmp_path / "run"), "--set", "extractor.latent_dim=3", "--debug"])
+
+
+def test_an_unexpected_error_is_not_a_user_error(tmp_path, monkeypatch, capsys):
+    """Only gem's own error types (gem.errors.GemError) are one line; anything else is a bug and
+    goes up with its traceback, even a plain ValueError."""
+    import gem.pipeline
+
+    path = write_recipe(tmp_path)
+    for error in (RuntimeError("internal bug"), ValueError("internal bug")):
+        def fail(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(gem.pipeline, "run_recipe", fail)
+        with pytest.raises(type(error), match="internal bug"):
+            run_main([str(path), "--out", str(tmp_path / "run")])
+        assert "error:" not in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()  # nothing written before the failure: folder removed
+
+
+def test_an_unexpected_error_prints_its_traceback():
+    code = ("import sys, gem.cli\n"
+            "def fail(pm):\n    raise ValueError('internal bug')\n"
+            "gem.cli.describe_plugins = fail\n"
+            "sys.exit(gem.cli.main(['plugins']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "ValueError: internal bug" in proc.stderr
+    assert "gem: error:" not in proc.stderr
+
+
+def test_a_closed_pipe_ends_the_output_quietly():
+    """`gem plugins --json | head -1`: the reader goes away before gem has written; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "gem.cli", "plugins", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.stdout.close()  # before the interpreter has even imported gem
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_a_real_error():
+    from gem.cli_errors import guard
+
+    def action():
+        raise BrokenPipeError("a worker went away")
+
+    with pytest.raises(BrokenPipeError, match="worker"):
+        guard(action, False, "gem")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "{tmp}", "--n-train", "0"], "n_train must be >= 1"),
+    (["eval", "{tmp}", "--metrics", "nope"], "unknown metric 'nope'"),
+    (["oracle-eval", "--n-images", "0"], "--n-images must be at least 1"),
+    (["run", "--num-processes", "0"], "--num-processes must be >= 1"),
+    (["run", "--overwrite"], "--overwrite replaces the run in the folder --out names"),
+    (["run", "no_such_recipe"], "unknown recipe 'no_such_recipe'.*shipped recipes: celeba"),
+])
+def test_bad_command_line_arguments_are_one_line(argv, message, tmp_path, capsys):
+    from gem.cli import main
+
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^gem [\w-]+: error: [^\n]*" + message, err, re.M), err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders: a failed start leaves nothing behind; two runs never share a folder
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path, capsys):
+    empty = tmp_path / "celeba"
+    empty.mkdir()
+    path = write_recipe(tmp_path, dataset={"plugin": "celeba", "root": str(empty), "image_size": 32})
+    runs = tmp_path / "runs"  # the recipe's out: runs/<name>-<time>/ by default
+    assert run_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "celeba: CelebA files are missing" in err and "removed its folder" in err
+    assert not runs.exists()  # nor the runs/ folder it made for it
+    assert run_main([str(path), "--out", str(tmp_path / "a" / "b" / "run")]) == 2
+    assert not (tmp_path / "a").exists()
+    # An --out folder that was already there stays, empty as it was.
+    (tmp_path / "mine").mkdir()
+    assert run_main([str(path), "--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []
+    # A run that failed once it had its scores keeps its folder: --resume reuses them.
+    from gem.pipeline import discard_unstarted_run
+
+    kept = tmp_path / "kept"
+    (kept / "figures").mkdir(parents=True)
+    for name in ("recipe.yaml", "scores.csv"):
+        (kept / name).write_text("x")
+    assert not discard_unstarted_run(kept, created=True)
+    assert sorted(p.name for p in kept.iterdir()) == ["figures", "recipe.yaml", "scores.csv"]
+    (kept / "scores.csv").unlink()
+    assert discard_unstarted_run(kept, created=True) and not kept.exists()
+
+
+def test_out_into_a_folder_that_holds_a_run_is_refused(straight_run, tmp_path, capsys):
+    import shutil
+
+    path, straight = straight_run
+    before = sorted(str(p.relative_to(straight)) for p in straight.rglob("*"))
+    assert run_main([str(path), "--out", str(straight)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"gem-run: error: --out '{re.escape(str(straight))}' already holds a run \(recipe.yaml, "
+                     rf"model.pt, metrics.json, scores.csv, checkpoint\); .*--overwrite.*--resume", err), err
+    assert sorted(str(p.relative_to(straight)) for p in straight.rglob("*")) == before  # untouched
+
+    # --overwrite removes the old run's files (and only those) before the new run starts.
+    old = tmp_path / "old"
+    shutil.copytree(straight, old)
+    (old / "notes.txt").write_text("mine")
+    empty = tmp_path / "celeba"
+    empty.mkdir()
+    args = [str(path), "--out", str(old), "--set", f"dataset={{plugin: celeba, root: '{empty}', image_size: 32}}"]
+    assert run_main([*args, "--overwrite"]) == 2  # the new run then fails on its missing data
+    err = capsys.readouterr().err
+    assert f"removed the earlier run's files from {old}; kept what gem did not write: notes.txt" in err
+    assert sorted(p.name for p in old.iterdir()) == ["notes.txt"]
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):

@@ -103,3 +103,57 @@ def test_resolved_recipe_round_trips(registry):
     again = validate_recipe(recipe.to_dict(), registry)
     assert again.to_dict() == recipe.to_dict()
     assert recipe.to_dict()["graph"] == {"plugin": "fixed", "scale": 1.0}
+
+
+# Shipped recipes: by name from any folder (`gem-run celeba`), and `gem recipes`
+
+SHIPPED = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def test_a_bare_name_or_recipes_path_finds_the_shipped_recipe(tmp_path, monkeypatch):
+    from gem.recipe import find_recipe, shipped_recipes
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here
+    assert list(shipped_recipes()) == SHIPPED
+    found = find_recipe("celeba")  # recipes/ of this checkout, or gem/recipes of an installed gem
+    assert found == find_recipe("recipes/celeba.yaml") and found.name == "celeba.yaml"
+    assert found.read_text() == (ROOT / "recipes" / "celeba.yaml").read_text()
+    assert load_recipe_file("shapes3d") == load_recipe_file(ROOT / "recipes" / "shapes3d.yaml")
+    (tmp_path / "celeba").write_text("name: mine\n")  # an existing file always wins
+    assert load_recipe_file("celeba") == {"name": "mine"}
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "celeba.yaml").write_text("name: also-mine\n")
+    assert load_recipe_file("recipes/celeba.yaml") == {"name": "also-mine"}
+
+
+def test_an_unknown_recipe_name_lists_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match=r"unknown recipe 'celebb': .*shipped recipes: " + ", ".join(SHIPPED)):
+        load_recipe_file("celebb")
+    with pytest.raises(RecipeError, match=r"recipe file 'recipes/celebb.yaml' does not exist .*celeba, "):
+        load_recipe_file("recipes/celebb.yaml")
+    with pytest.raises(RecipeError, match=r"recipe file 'celeba.yaml' does not exist"):
+        load_recipe_file("celeba.yaml")  # a file name is a path: only bare names are looked up
+
+
+def test_gem_recipes_lists_each_shipped_recipe_on_one_line(capsys):
+    from gem.cli import main
+
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == SHIPPED
+    described = dict(line.split(None, 1) for line in lines)  # every recipe has its one line
+    assert described["synthetic"] == "The default recipe: GEM on the built-in correlated synthetic data, fully offline"
+    assert described["celeba"].startswith("GEM on CelebA (Xie et al., NeurIPS 2024")
+
+
+def test_gem_run_runs_a_shipped_recipe_by_name(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from gem.cli import run_main
+
+    monkeypatch.chdir(tmp_path)
+    assert run_main(["dsprites", "--print-recipe", "--set", "training.steps=7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["name"] == "dsprites" and printed["dataset"]["plugin"] == "dsprites"
+    assert printed["training"]["steps"] == 7
