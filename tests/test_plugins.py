@@ -51,7 +51,7 @@ def test_describe_plugins_lists_package_and_registrations():
     records = {r["plugin"]: r for r in describe_plugins(make_plugin_manager())}
     assert records["graph_learners"]["package"] == "gem-disentangle"
     assert records["graph_learners"]["version"] == gem.__version__
-    assert set(records["graph_learners"]["registers"]["graph"]) == {"gcn", "fixed", "identity"}
+    assert set(records["graph_learners"]["registers"]["graph"]) == {"gcn", "fixed", "identity", "calibrated"}
 
 
 def test_gem_plugins_cli_text_and_json():
