@@ -64,6 +64,7 @@ from gem.disentanglement import METRICS as DIS_METRICS
 from gem.disentanglement import compute_disentanglement, resolve_metrics
 from gem.efficiency import count_parameters, efficiency_report
 from gem.data import uniform_rows
+from gem.errors import ConfigurationError
 from gem.interfaces import Extractor, ImageDataset
 from gem.io import write_json
 from gem.labels import auxiliary_variable
@@ -113,8 +114,6 @@ class EvalSettings:
     efficiency_warmup: int = 2
 
     def __post_init__(self) -> None:
-        from gem.errors import ConfigurationError  # a ValueError the command line shows as one line
-
         if self.n_train < 1 or self.n_test < 0:
             raise ConfigurationError(f"n_train must be >= 1 and n_test >= 0; got {self.n_train} and {self.n_test}")
 

@@ -1,15 +1,15 @@
 """gem.labels: the one label-scale rule, oracle-scale class scores, the true impact matrix, u for extractors."""
 
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import scipy.stats
 
 from gem.data import scale_classes
 from gem.interfaces import ImageDataset
+from test_somersd import scipy_matrix
+
 from gem.labels import (MAX_SCORE, SCORE_LEVELS, auxiliary_scale, auxiliary_variable, class_scores, label_scale,
                         true_impact)
 
@@ -53,25 +53,14 @@ def test_class_scores_and_scale_classes_by_hand():
                                [[0, 0, 0, 0], [0.5, 1, 5 / 9, 0], [1, 1, 1, 0], [0.5, 0, 1 / 9, 0]])
 
 
-def _scipy_impact(scores):
-    n = scores.shape[1]
-    out = np.zeros((n, n))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i in range(n):
-            for j in range(n):
-                out[i, j] = scipy.stats.somersd(scores[:, i], scores[:, j]).statistic
-    return out
-
-
 def test_true_impact_is_scipy_somers_d_row_independent():
     scores = np.array([[0, 0, 5], [0, 1, 3], [1, 1, 3], [1, 1, 0], [3, 2, 0], [5, 1, 1]])
     impact = true_impact(scores)
-    np.testing.assert_allclose(impact, _scipy_impact(scores), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(impact, scipy_matrix(scores), rtol=0, atol=1e-12)
     assert impact[0, 1] != pytest.approx(impact[1, 0])  # asymmetric: row i is the independent variable
     weights = np.array([1, 0, 2, 1, 3, 1])
     np.testing.assert_allclose(true_impact(scores, weights=weights),
-                               _scipy_impact(np.repeat(scores, weights, axis=0)), rtol=0, atol=1e-12)
+                               scipy_matrix(np.repeat(scores, weights, axis=0)), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="6"):
         true_impact(np.array([[0, 6], [1, 0]]))
 
