@@ -13,7 +13,7 @@ from gem import __version__
 from gem.cli_errors import guard
 from gem.errors import ConfigurationError
 from gem.plugins import STAGES, Registry, describe_plugins, make_plugin_manager
-from gem.recipe import (DEFAULT_RECIPE, apply_overrides, load_recipe_file, recipe_summary, shipped_recipes,
+from gem.recipe import (DEFAULT_RECIPE, load_recipe_file, override_recipe, recipe_summary, shipped_recipes,
                         validate_recipe)
 
 
@@ -95,7 +95,10 @@ def _run(args: argparse.Namespace) -> int:
                                args.overrides, registry)
     else:
         data = load_recipe_file(args.recipe) if args.recipe else DEFAULT_RECIPE
-        recipe = validate_recipe(apply_overrides(data, args.overrides), registry)
+        data, notes = override_recipe(data, args.overrides, registry)
+        for note in notes:
+            print(f"gem: {note}", file=sys.stderr)
+        recipe = validate_recipe(data, registry)
     if args.print_recipe:
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0

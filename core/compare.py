@@ -30,7 +30,7 @@ from gem.cli_errors import guard
 from gem.figures import plot_comparison, plot_sweep
 from gem.io import atomic_write_text, write_json
 from gem.plugins import PluginError, Registry, make_plugin_manager
-from gem.recipe import DEFAULT_RECIPE, RecipeError, apply_overrides, load_recipe_file, validate_recipe
+from gem.recipe import DEFAULT_RECIPE, RecipeError, apply_overrides, load_recipe_file, override_recipe, validate_recipe
 from gem.run_report import FACTOR_SET_MEANINGS, codes_sentence
 
 
@@ -433,6 +433,8 @@ def _parser() -> argparse.ArgumentParser:
                         "and plot every metric against it; each value gets its own folder under --out")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2; each gets cores/jobs threads)")
     p.add_argument("--threads", type=int, help="threads per run (default: cores / jobs)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate every run's recipe and print the runs that would train, then stop (writes nothing)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -489,6 +491,29 @@ def sweep(base: dict, key: str, values: Sequence[str], methods: Sequence[str], s
     return records
 
 
+def print_plan(base: dict, methods: Sequence[str], seeds: Sequence[int], out: Path, variants: dict[str, Variant],
+               swept: Optional[tuple[str, list[str]]] = None, log: Callable[[str], None] = print) -> int:
+    """Validate every run of a comparison (or of each swept value) and print one line per run;
+    returns the number of runs. Nothing is written."""
+    registry = Registry(make_plugin_manager())
+    bases = [(f"{swept[0]}={value}", apply_overrides(base, [f"{swept[0]}={value}"])) for value in swept[1]] \
+        if swept else [("", base)]
+    count = 0
+    for label, data in bases:
+        folder = out / label if label else out
+        try:
+            plan = plan_runs(data, methods, seeds, folder, variants, registry)
+        except RecipeError as exc:
+            raise RecipeError(f"--sweep {label}: {exc}" if label else str(exc)) from None
+        for record, recipe in plan:
+            stages = ", ".join(f"{stage} {(recipe.get(stage) or {}).get('plugin')}" for stage in ("extractor", "graph"))
+            steps = (recipe.get("training") or {}).get("steps")
+            log(f"{record.run_dir}: {record.variant} seed {record.seed} ({stages}; {steps} steps)")
+            count += 1
+    log(f"gem compare --dry-run: {count} runs, every recipe valid; nothing was trained or written")
+    return count
+
+
 def relation_aware(variants: dict[str, Variant]) -> dict[str, Variant]:
     """The same methods with the base recipe's graph learner in place of the identity graph (the
     GEM paper makes FactorVAE relation-aware this way); variants that choose a graph keep it."""
@@ -522,7 +547,11 @@ def compare_main(argv: Optional[Sequence[str]] = None) -> int:
             for section, keys in COMPARE_DEFAULTS.items():
                 base.setdefault(section, {}).update(keys)
         # Resolve defaults so each variant sees the base's plugin names and every option.
-        base = validate_recipe(apply_overrides(base, args.overrides), Registry(make_plugin_manager())).to_dict()
+        registry = Registry(make_plugin_manager())
+        base, notes = override_recipe(base, args.overrides, registry)
+        for note in notes:
+            print(f"gem compare: {note}", file=sys.stderr)
+        base = validate_recipe(base, registry).to_dict()
         variants = relation_aware(VARIANTS) if args.relation_aware else dict(VARIANTS)
         methods = list(args.methods)
         for spec in args.variant:
@@ -533,6 +562,9 @@ def compare_main(argv: Optional[Sequence[str]] = None) -> int:
         if args.jobs < 1:
             raise RecipeError(f"--jobs must be >= 1, got {args.jobs}")
         options = dict(jobs=args.jobs, threads=args.threads, variants=variants, recipe_name=args.recipe or "")
+        if args.dry_run:
+            print_plan(base, methods, args.seeds, args.out, variants, parse_sweep(args.sweep) if args.sweep else None)
+            return 0
         if args.sweep:
             key, values = parse_sweep(args.sweep)
             by_value = sweep(base, key, values, methods, args.seeds, args.out, **options)

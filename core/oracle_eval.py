@@ -36,7 +36,7 @@ from gem.figures import plot_oracle_quality
 from gem.io import atomic_write_text, write_json
 from gem.metrics import oracle_quality
 from gem.plugins import Registry, make_plugin_manager
-from gem.recipe import Recipe, apply_overrides, load_recipe_file, validate_recipe
+from gem.recipe import Recipe, load_recipe_file, override_recipe, validate_recipe
 from gem.report import Report, format_cell, text_table
 from gem.run_folder import write_scores
 from gem.scoring import score_with_cache
@@ -224,8 +224,10 @@ def oracle_main(argv: Optional[Sequence[str]] = None, prog: str = "gem oracle-ev
 
 def _oracle_eval(args: argparse.Namespace) -> int:
     data = load_recipe_file(args.recipe) if args.recipe else {}
-    data = apply_overrides(data, args.overrides)
     registry = Registry(make_plugin_manager())
+    data, notes = override_recipe(data, args.overrides, registry)
+    for note in notes:
+        print(f"gem oracle-eval: {note}", file=sys.stderr)
     recipe = validate_recipe(data, registry)
     if args.n_images is not None and args.n_images < 1:
         raise ConfigurationError(f"--n-images must be at least 1, got {args.n_images}")

@@ -274,6 +274,37 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+def override_recipe(data: dict, overrides: Sequence[str], registry: Registry) -> tuple[dict, list[str]]:
+    """:func:`apply_overrides`, where ``--set stage.plugin=NAME`` switches a stage's plugin: the
+    section then keeps only the keys it inherits from ``data`` that the new plugin accepts.
+
+    Returns the recipe data and one note per switched stage that lost keys, for the user to read.
+    A key an override sets explicitly is kept, so one the new plugin lacks is still an error.
+    """
+    result = apply_overrides(data, overrides)
+    explicit = {item.split("=", 1)[0].strip() for item in overrides if "=" in item}
+    notes: list[str] = []
+    for stage in STAGES:
+        old, new = data.get(stage), result.get(stage)
+        if not isinstance(old, dict) or not isinstance(new, dict) or f"{stage}.plugin" not in explicit:
+            continue
+        if new.get("plugin") == old.get("plugin"):
+            continue
+        try:
+            options = registry.get(stage, str(new.get("plugin"))).options
+        except PluginError:
+            continue  # validation names the unknown plugin and lists the installed ones
+        accepted = {f.name for f in dataclasses.fields(options)} if options is not None else set()
+        dropped = [k for k in new if k in old and k != "plugin" and k not in accepted
+                   and f"{stage}.{k}" not in explicit]
+        for key in dropped:
+            del new[key]
+        if dropped:
+            notes.append(f"{stage}.plugin={new['plugin']}: dropped the inherited "
+                         f"{', '.join(f'{stage}.{k}' for k in dropped)}, which {new['plugin']} does not take")
+    return result, notes
+
+
 def validate_recipe(data: Mapping[str, Any], registry: Registry) -> Recipe:
     """Check every key and type, fill defaults, and resolve each stage's plugin options."""
     data = dict(data)

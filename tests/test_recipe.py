@@ -157,3 +157,36 @@ def test_gem_run_runs_a_shipped_recipe_by_name(tmp_path, monkeypatch, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["name"] == "dsprites" and printed["dataset"]["plugin"] == "dsprites"
     assert printed["training"]["steps"] == 7
+
+
+def test_switching_a_plugin_drops_inherited_keys_it_does_not_take(registry):
+    from gem.recipe import override_recipe
+
+    base = load_recipe_file(ROOT / "recipes" / "synthetic.yaml")
+    data, notes = override_recipe(base, ["graph.plugin=fixed", "training.steps=10"], registry)
+    assert data["graph"] == {"plugin": "fixed"} and data["training"]["steps"] == 10
+    assert notes == ["graph.plugin=fixed: dropped the inherited graph.hidden, graph.layers, graph.anchor_weight, "
+                     "which fixed does not take"]
+    validate_recipe(data, registry)
+    # Keys the new plugin shares are kept; the base is not modified.
+    data, notes = override_recipe(base, ["extractor.plugin=beta_vae"], registry)
+    assert data["extractor"]["beta"] == base["extractor"]["beta"] and data["extractor"]["lr"] == base["extractor"]["lr"]
+    assert "extractor.disc_lr" in notes[0] and "extractor.beta," not in notes[0]
+    assert validate_recipe(data, registry).plugin_options["extractor"].beta == base["extractor"]["beta"]
+    assert base["extractor"]["plugin"] == "gem_vae" and "disc_lr" in base["extractor"]
+
+
+def test_a_key_set_explicitly_for_the_wrong_plugin_is_still_an_error(registry):
+    from gem.recipe import override_recipe
+
+    base = load_recipe_file(ROOT / "recipes" / "synthetic.yaml")
+    data, _ = override_recipe(base, ["extractor.plugin=beta_vae", "extractor.disc_lr=0.1"], registry)
+    with pytest.raises(RecipeError, match="'extractor.disc_lr'"):
+        validate_recipe(data, registry)
+    # The same plugin, or no plugin change, drops nothing.
+    data, notes = override_recipe(base, ["graph.plugin=gcn"], registry)
+    assert notes == [] and data == apply_overrides(base, ["graph.plugin=gcn"])
+    # An unknown plugin is left to validation, which lists the installed ones.
+    data, notes = override_recipe(base, ["graph.plugin=gat"], registry)
+    with pytest.raises(RecipeError, match="gat"):
+        validate_recipe(data, registry)
