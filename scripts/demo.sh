@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install everything needed, then run the default recipe (GEM on the synthetic data, offline).
+# Install gem (scripts/setup.sh: the project's .venv unless an environment is active), then run
+# the default recipe: GEM on the built-in synthetic data, offline. Extra arguments go to gem-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-exec gem-run "$@"
+source scripts/setup.sh
+exec "$GEM_BIN/gem-run" "$@"
