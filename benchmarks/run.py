@@ -39,6 +39,7 @@ def _benchmarks() -> dict[str, Callable[[bool], Row]]:
     from bench_memory import bench_memory_celeba, bench_memory_run
     from bench_oracle import bench_oracle
     from bench_somersd import bench_somersd
+    from bench_startup import bench_startup
     from bench_training import bench_training
 
     table: dict[str, Callable[[bool], Row]] = {
@@ -50,6 +51,7 @@ def _benchmarks() -> dict[str, Callable[[bool], Row]]:
         "llava": bench_llava,
         "memory_run": bench_memory_run,
         "memory_celeba": bench_memory_celeba,
+        "startup": bench_startup,
     }
     import torch
 

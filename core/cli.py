@@ -78,10 +78,6 @@ def run_main(argv: Optional[Sequence[str]] = None, prog: str = "gem-run") -> int
 def _run(args: argparse.Namespace) -> int:
     import yaml
 
-    from gem.pipeline import check_out_folder, make_run_dir, run_recipe
-    from gem.report import format_summary
-    from gem.training import Interrupted
-
     if args.num_processes < 1:
         raise ConfigurationError(f"--num-processes must be >= 1, got {args.num_processes}")
     if args.overwrite and (args.out is None or args.resume is not None):
@@ -102,6 +98,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_recipe:
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0
+    # Imported after validation: a typo in a recipe is reported before torch's training stack loads.
+    from gem.pipeline import check_out_folder, make_run_dir, run_recipe
+    from gem.report import format_summary
+    from gem.training import Interrupted
+
     accelerator = None
     fresh = args.resume is None
     # The folders this command makes: a run that fails before it has scores removes what it wrote,

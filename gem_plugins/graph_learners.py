@@ -25,7 +25,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch_geometric.nn import DenseGCNConv
 
 from gem import hookimpl
 from gem.interfaces import BuildContext, GraphLearner
@@ -122,6 +121,8 @@ class GCNGraph(GraphLearner):
         dims = [n] + [options.hidden] * options.layers
         # Dense layers: with a handful of nodes, dense 6x6 products cost half of the sparse
         # message passing (GCNConv), for the same normalisation and the same parameters.
+        from torch_geometric.nn import DenseGCNConv  # imported here: torch_geometric takes seconds to import
+
         self.convs = nn.ModuleList(DenseGCNConv(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.source = nn.Linear(options.hidden, options.hidden, bias=False)
         self.target = nn.Linear(options.hidden, options.hidden, bias=False)

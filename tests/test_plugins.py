@@ -119,3 +119,20 @@ def test_third_party_oracle_is_discovered_and_used_in_a_run(third_party_pm, tiny
     result = run_recipe(recipe, registry, tmp_path / "run")
     assert ConstantPlusLabelsOracle.calls > 0
     assert result.metrics["oracle"]["images_scored"] == 300
+
+
+def test_listing_plugins_and_rejecting_a_typo_import_no_heavy_libraries():
+    """`gem plugins` and recipe validation must not pay for torch_geometric or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from gem.cli import main, run_main\n"
+            "main(['plugins'])\n"
+            "assert run_main(['--set', 'extractor.betta=1']) == 2\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch_geometric', 'transformers', 'matplotlib'})\n"
+            "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
+    assert "unknown recipe key 'extractor.betta'" in out.stderr
