@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 from gem import __version__
 from gem.cli_errors import guard
 from gem.errors import ConfigurationError
+from gem.progress import add_verbosity_options, logger, setup_from_args
 from gem.plugins import STAGES, Registry, describe_plugins, make_plugin_manager
 from gem.recipe import (DEFAULT_RECIPE, load_recipe_file, override_recipe, recipe_summary, shipped_recipes,
                         validate_recipe)
@@ -35,6 +36,7 @@ def _run_parser(prog: str = "gem-run") -> argparse.ArgumentParser:
                              "launcher; same as `accelerate launch --multi_gpu --num_processes N -m gem.cli run ...`")
     parser.add_argument("--main-process-port", type=int, help="port the processes meet on (default: a free one)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_verbosity_options(parser)
     return parser
 
 
@@ -66,12 +68,13 @@ def _launch(args: argparse.Namespace, run_dir: Path) -> int:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", str(args.num_processes), "--num_machines", "1", "--dynamo_backend", "no",
                "--main_process_port", str(port), "-m", "gem.cli", "run", *child]
-    print(f"gem: launching {args.num_processes} processes: {' '.join(command[2:])}", file=sys.stderr)
+    logger.info(f"gem: launching {args.num_processes} processes: {' '.join(command[2:])}")
     return subprocess.run(command).returncode
 
 
 def run_main(argv: Optional[Sequence[str]] = None, prog: str = "gem-run") -> int:
     args = _run_parser(prog).parse_args(argv)
+    setup_from_args(args)
     return guard(lambda: _run(args), args.debug, prog)
 
 
@@ -93,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         data = load_recipe_file(args.recipe) if args.recipe else DEFAULT_RECIPE
         data, notes = override_recipe(data, args.overrides, registry)
         for note in notes:
-            print(f"gem: {note}", file=sys.stderr)
+            logger.warning(f"gem: {note}")
         recipe = validate_recipe(data, registry)
     if args.print_recipe:
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
@@ -130,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     main = accelerator is None or accelerator.is_main_process
     verb = "resuming" if args.resume is not None else "running"
     if main:
-        print(f"gem {__version__}: {verb} recipe {recipe.name!r} into {run_dir}", file=sys.stderr)
+        logger.info(f"gem {__version__}: {verb} recipe {recipe.name!r} into {run_dir}")
     try:
         result = run_recipe(recipe, registry, run_dir, accelerator=accelerator, resume=not fresh)
     except (Exception, KeyboardInterrupt) as exc:
@@ -174,7 +177,7 @@ def _discard(run_dir: Path, created: bool, new_folder: Optional[Path]) -> None:
             except OSError:  # another run has just written into it
                 break
     what = f"its recipe.yaml from {run_dir}" if run_dir.exists() else f"its folder {run_dir}"
-    print(f"gem: the run stopped before it had scores or a trained model; removed {what}", file=sys.stderr)
+    logger.warning(f"gem: the run stopped before it had scores or a trained model; removed {what}")
 
 
 def _plugins(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from gem.io import atomic_write_text, write_json
 from gem.plugins import PluginError, Registry, make_plugin_manager
 from gem.recipe import DEFAULT_RECIPE, RecipeError, apply_overrides, load_recipe_file, override_recipe, validate_recipe
 from gem.run_report import FACTOR_SET_MEANINGS, codes_sentence
+from gem.progress import add_verbosity_options, logger, progress, setup_from_args
 
 
 @dataclass(frozen=True)
@@ -387,11 +388,9 @@ def compare(base: dict, methods: Sequence[str], seeds: Sequence[int], out: Path,
         path = recipes_dir / f"{record.run_dir.name}.yaml"
         atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
         jobs_args.append((record, path))
-    from tqdm.auto import tqdm
-
     records = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool, \
-            tqdm(total=len(plan), desc="compare", unit="run") as bar:
+            progress(len(plan), "compare", unit="run") as bar:
         futures = [pool.submit(_run_one, record, path, threads, eval_settings) for record, path in jobs_args]
         for future in concurrent.futures.as_completed(futures):
             record = future.result()
@@ -436,6 +435,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="validate every run's recipe and print the runs that would train, then stop (writes nothing)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_verbosity_options(p)
     return p
 
 
@@ -538,6 +538,7 @@ def parse_variant(spec: Sequence[str]) -> tuple[str, Variant]:
 
 def compare_main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    setup_from_args(args)
 
     def action() -> int:
         if args.recipe:
@@ -550,7 +551,7 @@ def compare_main(argv: Optional[Sequence[str]] = None) -> int:
         registry = Registry(make_plugin_manager())
         base, notes = override_recipe(base, args.overrides, registry)
         for note in notes:
-            print(f"gem compare: {note}", file=sys.stderr)
+            logger.warning(f"gem compare: {note}")
         base = validate_recipe(base, registry).to_dict()
         variants = relation_aware(VARIANTS) if args.relation_aware else dict(VARIANTS)
         methods = list(args.methods)

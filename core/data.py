@@ -36,12 +36,12 @@ from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple, Option
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from gem.errors import DataError, GemError
 from gem.io import to_jsonable, write_json
 from gem.recipe import check_ranges
 from gem.labels import label_scale
+from gem.progress import progress
 
 __all__ = [
     "CACHE_VERSION",
@@ -388,7 +388,7 @@ def build_image_cache(cache_path: Union[str, Path], sources: Sequence[Any],
     rows = 0
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
-        with tqdm(total=n, desc=desc, unit="img") as bar:
+        with progress(n, desc, unit="img") as bar:
             for start in range(0, n, _BLOCK):
                 block = range(start, min(start + _BLOCK, n))
                 results = pool.map(safe_load, block) if pool is not None else map(safe_load, block)
@@ -449,7 +449,7 @@ def build_array_cache(cache_path: Union[str, Path], n: int,
     writer = _RowWriter(path, int(n), shape)
     written = np.zeros(int(n), dtype=bool)
     try:
-        with tqdm(total=int(n), desc=desc, unit="img") as bar:
+        with progress(int(n), desc, unit="img") as bar:
             for rows, images in blocks():
                 rows = np.asarray(rows, dtype=np.int64)
                 if len(rows) == 0:

@@ -588,7 +588,8 @@ def resolve_metrics(metrics: Optional[Iterable[str]]) -> list[str]:
 
 def compute_disentanglement(codes: Any, factors: Any, seed: int = 0, n_train: int = 10000, n_test: int = 5000,
                             metrics: Optional[Sequence[str]] = None, *, batch_size: int = 64,
-                            num_bins: int = 20, dci_trees: int = 100, n_jobs: int = 1) -> dict[str, float]:
+                            num_bins: int = 20, dci_trees: int = 100, n_jobs: int = 1,
+                            on_metric: Optional[Callable[[str], None]] = None) -> dict[str, float]:
     """Run all (or some) disentanglement metrics on one pool and return a flat dict of floats.
 
     Parameters
@@ -608,6 +609,7 @@ def compute_disentanglement(codes: Any, factors: Any, seed: int = 0, n_train: in
     batch_size : batch of the FactorVAE / BetaVAE scores (64).
     num_bins : bins of the MI discretisation (20).
     dci_trees, n_jobs : see :func:`dci`.
+    on_metric : called with each metric's name when it is done (progress).
 
     Returns
     -------
@@ -636,4 +638,6 @@ def compute_disentanglement(codes: Any, factors: Any, seed: int = 0, n_train: in
         for name in names:
             function = METRICS[name][0]
             out.update(function(codes, factors, **split, **extra.get(name, {})))
+            if on_metric is not None:
+                on_metric(name)
     return out

@@ -4,7 +4,6 @@ allows (:func:`gem.evaluation.evaluate_run`), print the numbers and rebuild the 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -15,6 +14,7 @@ from gem.disentanglement import METRICS as DIS_METRICS
 from gem.errors import ConfigurationError
 from gem.evaluation import GROUPS, EvalSettings, evaluate_run, select_metrics
 from gem.report import text_table
+from gem.progress import add_verbosity_options, setup_from_args
 
 __all__ = ["format_eval_table", "eval_main"]
 
@@ -67,12 +67,14 @@ def _eval_parser(prog: str = "gem eval") -> argparse.ArgumentParser:
     parser.add_argument("--dci-n-train", type=int, default=None, help="DCI alone on a smaller split (default: --n-train)")
     parser.add_argument("--dci-n-test", type=int, default=None, help="DCI alone on a smaller split (default: --n-test)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_verbosity_options(parser)
     return parser
 
 
 def eval_main(argv: Optional[Sequence[str]] = None, prog: str = "gem eval") -> int:
     """``gem eval RUN_DIR [--metrics ...] [--n-train N] [--n-test N] [--seed S] [--feature-extractor SPEC]``."""
     args = _eval_parser(prog).parse_args(argv)
+    setup_from_args(args)
 
     def action() -> int:
         try:  # the names alone, before the run folder is loaded
@@ -82,8 +84,7 @@ def eval_main(argv: Optional[Sequence[str]] = None, prog: str = "gem eval") -> i
         settings = EvalSettings(n_train=args.n_train, n_test=args.n_test, seed=args.seed,
                                 feature_extractor=args.feature_extractor, fid_images=args.fid_images,
                                 dci_trees=args.dci_trees, dci_n_train=args.dci_n_train, dci_n_test=args.dci_n_test)
-        result = evaluate_run(args.run_dir, args.metrics, settings=settings,
-                              log=lambda line: print(f"{prog}: {line}", file=sys.stderr))
+        result = evaluate_run(args.run_dir, args.metrics, settings=settings)
         print(format_eval_table(result))
         print(f"report: {Path(result['run_dir']) / 'report.html'}")
         return 0

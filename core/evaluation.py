@@ -68,6 +68,7 @@ from gem.errors import ConfigurationError
 from gem.interfaces import Extractor, ImageDataset
 from gem.io import write_json
 from gem.labels import auxiliary_variable
+from gem.progress import logger, progress
 from gem.relations import RelationModel
 from gem.run_folder import TrainedRun, load_run
 from gem.run_report import CODE_MEANINGS, write_run_report
@@ -78,6 +79,17 @@ __all__ = ["GROUPS", "QUICK_METRICS", "EvalSettings", "END_OF_RUN", "select_metr
 
 #: The metric groups, in the order they are computed (and their metrics.json sections).
 GROUPS = ("disentanglement", "reconstruction", "fidelity", "relations", "oracle_quality", "efficiency")
+
+#: What each group computes, in the words of the progress messages.
+GROUP_MEANINGS = {
+    "disentanglement": "MCC, MIG, DCI, SAP, modularity, explicitness, FactorVAE and β-VAE scores of the codes "
+                       "against the true factors",
+    "reconstruction": "MSE, PSNR and SSIM of held-out images",
+    "fidelity": "FID and KID of decoded images",
+    "relations": "the learned graph and S against the true impact, with bootstrap intervals",
+    "oracle_quality": "the oracle's scores against the true labels",
+    "efficiency": "time and memory of training steps",
+}
 
 #: What a run evaluates with ``evaluation.full_metrics: false``: the groups that take seconds.
 QUICK_METRICS = ("reconstruction", "relations", "oracle_quality", "spearman_mcc")
@@ -171,7 +183,7 @@ def _evaluation_pool(ds: ImageDataset, size: int, seed: int) -> tuple[ImageDatas
 
 
 def _score_code(codes: np.ndarray, factors: np.ndarray, chosen: list[str], s: EvalSettings,
-                timing: dict[str, float], label: str) -> dict[str, Any]:
+                timing: dict[str, float], label: str, bar: Any) -> dict[str, Any]:
     """Every chosen metric of one code, DCI on its own split when the settings give one."""
     separate_dci = "dci" in chosen and (s.dci_n_train is not None or s.dci_n_test is not None)
     dci_split = (s.dci_n_train if s.dci_n_train is not None else s.n_train,
@@ -183,11 +195,17 @@ def _score_code(codes: np.ndarray, factors: np.ndarray, chosen: list[str], s: Ev
         if names:
             t0 = time.perf_counter()
             result.update(compute_disentanglement(codes, factors, seed=s.seed, n_train=n_train, n_test=n_test,
-                                                  metrics=names, dci_trees=s.dci_trees, n_jobs=s.n_jobs))
+                                                  metrics=names, dci_trees=s.dci_trees, n_jobs=s.n_jobs,
+                                                  on_metric=lambda name: _advance(bar, f"{label} {name}")))
             key = f"{label} dci" if names == ["dci"] else f"{label} metrics"
             timing[key] = time.perf_counter() - t0
     order = [key for name in DIS_METRICS for key in DIS_METRICS[name][1]]
     return {key: result[key] for key in order if key in result}
+
+
+def _advance(bar: Any, done: str) -> None:
+    bar.set_postfix(done=done, refresh=False)
+    bar.update(1)
 
 
 def _disentanglement(run: TrainedRun, notes: list[str], dis_metrics: Optional[list[str]],
@@ -216,12 +234,13 @@ def _disentanglement(run: TrainedRun, notes: list[str], dis_metrics: Optional[li
     timing = {"encode": time.perf_counter() - started}
     chosen = dis_metrics if dis_metrics is not None else list(DIS_METRICS)
     result: dict[str, Any] = {}
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, \
+            progress(len(resolve_metrics(chosen)) * (1 if identity else 2), "disentanglement", unit="metric") as bar:
         warnings.simplefilter("always")
-        result["exogenous"] = _score_code(codes["exogenous"], factors[:, varying], chosen, s, timing, "exogenous")
+        result["exogenous"] = _score_code(codes["exogenous"], factors[:, varying], chosen, s, timing, "μ", bar)
         # With A = I the decoder reads μ itself: the two codes are one, scored once.
         result["attribute"] = (dict(result["exogenous"]) if identity else
-                               _score_code(codes["attribute"], factors[:, varying], chosen, s, timing, "attribute"))
+                               _score_code(codes["attribute"], factors[:, varying], chosen, s, timing, "Aᵀμ", bar))
     for message in dict.fromkeys(str(w.message) for w in caught if "the pool has" in str(w.message)):
         notes.append(f"disentanglement: {message}")
     if "spearman_mcc" in chosen and ds.attribute_scores is not None and relation.is_bound:
@@ -389,8 +408,8 @@ def _efficiency(run: TrainedRun, s: EvalSettings) -> dict[str, Any]:
 # evaluating and recording
 # ---------------------------------------------------------------------------------------------
 
-def evaluate(run: TrainedRun, metrics: Optional[Sequence[str]] = None, settings: EvalSettings = EvalSettings(),
-             log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+def evaluate(run: TrainedRun, metrics: Optional[Sequence[str]] = None,
+             settings: EvalSettings = EvalSettings()) -> dict[str, Any]:
     """Compute the chosen metric groups of a trained run, each once.
 
     Parameters
@@ -401,7 +420,8 @@ def evaluate(run: TrainedRun, metrics: Optional[Sequence[str]] = None, settings:
         ``oracle``) and/or disentanglement metrics (``mig``, ``dci``, ... or their result keys,
         which select the disentanglement group with only those metrics); None = everything
     settings : sizes and seeds (:class:`EvalSettings`)
-    log : called with a line after each group (e.g. ``print``)
+
+    Each group is announced (what it computes) and timed on the ``gem`` logger.
 
     Returns
     -------
@@ -417,34 +437,42 @@ def evaluate(run: TrainedRun, metrics: Optional[Sequence[str]] = None, settings:
     net, net_name = _load_features(s.feature_extractor, notes) if "fidelity" in groups else (None, None)
     result: dict[str, Any] = {}
 
-    def timed(group: str, started: float, took: Optional[float] = None) -> None:
-        seconds[group] = time.perf_counter() - started if took is None else took
-        if log is not None:
-            log(f"{group}: {seconds[group]:.1f} s")
+    announced = [g for g in GROUPS if g in groups]
+
+    def announce(*names: str) -> float:
+        for name in names:
+            logger.info(f"evaluation {announced.index(name) + 1}/{len(announced)}: {name}, {GROUP_MEANINGS[name]}")
+        return time.perf_counter()
+
+    def timed(group: str, started: float) -> None:
+        seconds[group] = time.perf_counter() - started
+        logger.info(f"evaluation: {group} took {seconds[group]:.1f} s")
 
     if "disentanglement" in groups:
-        t0 = time.perf_counter()
+        t0 = announce("disentanglement")
         dis = _disentanglement(run, notes, dis_metrics, s)
         if dis is not None:
             result["disentanglement"] = dis
         timed("disentanglement", t0)
     if "reconstruction" in groups or "fidelity" in groups:
+        announce(*(g for g in ("reconstruction", "fidelity") if g in groups))
         rec, fid, timing = _reconstruction_and_fidelity(
             run, notes, want_reconstruction="reconstruction" in groups, net=net, net_name=net_name,
             fid_images=s.fid_images, seed=s.seed)
         for group, values in (("reconstruction", rec), ("fidelity", fid if "fidelity" in groups else None)):
             if values is not None:
                 result[group] = values
-                timed(group, 0.0, timing[group])
+                seconds[group] = timing[group]
+                logger.info(f"evaluation: {group} took {seconds[group]:.1f} s")
     if "relations" in groups:
-        t0 = time.perf_counter()
+        t0 = announce("relations")
         rels, edges = _relations(run, notes, n_boot=s.n_boot, seed=s.seed)
         result["relations"] = rels
         if edges is not None:
             result["relation_edges"] = edges
         timed("relations", t0)
     if "oracle_quality" in groups:
-        t0 = time.perf_counter()
+        t0 = announce("oracle_quality")
         labels = run.dataset.attribute_scores
         if labels is None:
             notes.append("oracle_quality: skipped, the data set has no true attribute scores")
@@ -453,7 +481,7 @@ def evaluate(run: TrainedRun, metrics: Optional[Sequence[str]] = None, settings:
                                                                   run.attributes)
         timed("oracle_quality", t0)
     if "efficiency" in groups:
-        t0 = time.perf_counter()
+        t0 = announce("efficiency")
         result["efficiency"] = _efficiency(run, s)
         timed("efficiency", t0)
     result.update(notes=notes, seconds=seconds,
@@ -507,15 +535,16 @@ def record(run_dir: Union[str, Path], result: dict[str, Any], write_report: bool
 
 def evaluate_run(run: Union[str, Path, TrainedRun], metrics: Optional[Sequence[str]] = None, *,
                  settings: EvalSettings = EvalSettings(), registry: Any = None, accelerator: Any = None,
-                 write_report: bool = True, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                 write_report: bool = True) -> dict[str, Any]:
     """:func:`evaluate` a run (a folder is loaded with :func:`gem.run_folder.load_run`) and
     :func:`record` the result in its folder. Returns the :func:`evaluate` result with
     ``run_dir`` and the loading time in ``seconds["load"]``."""
     started = time.perf_counter()
     if not isinstance(run, TrainedRun):
+        logger.info(f"loading the run in {run}")
         run = load_run(run, registry, accelerator=accelerator)
     loaded = time.perf_counter() - started
-    result = evaluate(run, metrics, settings, log)
+    result = evaluate(run, metrics, settings)
     result["seconds"] = {"load": loaded, **result["seconds"]}
     record(run.run_dir, result, write_report)
     result["seconds"]["total"] = time.perf_counter() - started

@@ -40,6 +40,7 @@ from gem.recipe import Recipe, load_recipe_file, override_recipe, validate_recip
 from gem.report import Report, format_cell, text_table
 from gem.run_folder import write_scores
 from gem.scoring import score_with_cache
+from gem.progress import add_verbosity_options, logger, setup_from_args
 
 __all__ = ["evaluate_oracle", "format_oracle_table", "plot_oracle_quality", "oracle_main"]
 
@@ -209,6 +210,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: <recipe out>/<name>-oracle-<timestamp>)")
     parser.add_argument("--n-images", type=int, metavar="N", help="images to score, from the first (default: scoring.n_images)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_verbosity_options(parser)
     return parser
 
 
@@ -219,6 +221,7 @@ def _out_dir(recipe: Recipe, out: Optional[Path]) -> Path:
 def oracle_main(argv: Optional[Sequence[str]] = None, prog: str = "gem oracle-eval") -> int:
     """``gem oracle-eval [RECIPE] [--set KEY.PATH=VALUE ...] [--out DIR] [--n-images N] [--debug]``."""
     args = _parser(prog).parse_args(argv)
+    setup_from_args(args)
     return guard(lambda: _oracle_eval(args), args.debug, prog)
 
 
@@ -227,13 +230,13 @@ def _oracle_eval(args: argparse.Namespace) -> int:
     registry = Registry(make_plugin_manager())
     data, notes = override_recipe(data, args.overrides, registry)
     for note in notes:
-        print(f"gem oracle-eval: {note}", file=sys.stderr)
+        logger.warning(f"gem oracle-eval: {note}")
     recipe = validate_recipe(data, registry)
     if args.n_images is not None and args.n_images < 1:
         raise ConfigurationError(f"--n-images must be at least 1, got {args.n_images}")
     out_dir = _out_dir(recipe, args.out)
-    print(f"gem {__version__}: evaluating oracle {recipe.plugin_name('oracle')!r} on data set "
-          f"{recipe.plugin_name('dataset')!r} into {out_dir}", file=sys.stderr)
+    logger.info(f"gem {__version__}: evaluating oracle {recipe.plugin_name('oracle')!r} on data set "
+                f"{recipe.plugin_name('dataset')!r} into {out_dir}")
     result = evaluate_oracle(recipe, registry, out_dir, n_images=args.n_images)
     print(format_oracle_table(result))
     print(f"report: {out_dir / 'report.html'}")

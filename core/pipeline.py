@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from gem.run_folder import TrainedRun, impact_record, read_scores, write_impact,
 from gem.run_report import run_summary, write_run_report
 from gem.scoring import score_summary, score_with_cache
 from gem.training import CheckpointError, Interrupted, Trainer, encode_images, load_checkpoint
+from gem.progress import logger
 
 #: Recipe keys a resumed run may change: they do not change what the run computes.
 RESUME_MAY_CHANGE = ("training.steps", "training.checkpoint_every", "training.num_workers", "training.threads")
@@ -91,7 +91,7 @@ def make_run_dir(recipe: Recipe, out: Optional[Path] = None, overwrite: bool = F
         others = sorted(p.name for p in out.iterdir())
         kept = f"; kept what gem did not write: {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}" \
             if others else ""
-        print(f"gem: --overwrite: removed the earlier run's files from {out}{kept}", file=sys.stderr)
+        logger.warning(f"gem: --overwrite: removed the earlier run's files from {out}{kept}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -170,9 +170,12 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path, accelerator: A
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
     # 1. Data.
+    logger.info(f"data: loading {recipe.plugin_name('dataset')!r}")
     dataset = ctx.load_dataset()
     n = len(dataset.attributes)
     split = ctx.split(dataset)
+    logger.info(f"data: {len(dataset.images):,} images, {n} attributes ({', '.join(dataset.attributes)}); "
+                f"{len(split.train):,} train, {len(split.held_out):,} held out")
     pm.hook.gem_on_stage_end(stage="data", outputs={"dataset": dataset})
 
     checkpoint_dir = run_dir / "checkpoint"
@@ -194,6 +197,8 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path, accelerator: A
     graph = ctx.build("graph")
     if saved is None:
         oracle = ctx.build("oracle")
+        logger.info(f"scores: oracle {recipe.plugin_name('oracle')!r} scores {n} attributes on "
+                    f"{len(split.scored):,} images (cached answers are reused)")
         try:
             scores, oracle_counters = score_with_cache(oracle, dataset, split.scored, recipe, show_progress=main,
                                                        accelerator=acc)
@@ -205,11 +210,13 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path, accelerator: A
             raise Interrupted(f"stopped while scoring; {kept}; continue with: gem-run --resume {run_dir}") from None
     else:
         scores, oracle_counters = saved
+        logger.info(f"scores: reusing the run's saved scores of {len(split.scored):,} images")
     if main:
         write_scores(run_dir / "scores.csv", split.scored, dataset.attributes, scores)
     pm.hook.gem_on_stage_end(stage="scores", outputs={"scores": scores, "indices": split.scored})
 
     # 3. Impact ranking.
+    logger.info(f"ranking: {recipe.plugin_name('ranker')!r} impact matrix S of the {n} x {n} attribute pairs")
     ranking: Ranking = ctx.build("ranker").rank(scores)
     pm.hook.gem_on_stage_end(stage="rank", outputs={"ranking": ranking})
 
@@ -226,13 +233,16 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path, accelerator: A
     if state is not None:
         trainer.load(state)
         if main:
-            print(f"gem: resuming from the checkpoint at step {trainer.step} of {topts.steps}", file=sys.stderr)
+            logger.info(f"gem: resuming from the checkpoint at step {trainer.step} of {topts.steps}")
     elif resume and main:
-        print(f"gem: no checkpoint in {checkpoint_dir}; training from step 0 with the saved scores", file=sys.stderr)
+        logger.warning(f"gem: no checkpoint in {checkpoint_dir}; training from step 0 with the saved scores")
     trainer.extra = {"scores": torch.from_numpy(np.asarray(scores, dtype=np.float64)),
                      "scored_idx": torch.from_numpy(np.asarray(split.scored, dtype=np.int64)),
                      "oracle_counters": {k: v for k, v in oracle_counters.items() if isinstance(v, (int, float))}}
     train_started = time.perf_counter()
+    logger.info(f"training: {recipe.plugin_name('extractor')!r} for {topts.steps:,} steps, the first "
+                f"{min(topts.warmup_steps, topts.steps):,} with independent latents, then with the "
+                f"{recipe.plugin_name('graph')!r} relation graph")
     if not trainer.relation.is_bound:
         trainer.fit(min(topts.warmup_steps, topts.steps), desc="warm-up")
         means = encode_images(trainer.extractor, dataset.images, split.scored, acc.device)
@@ -242,6 +252,9 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path, accelerator: A
 
             binding.latent_of, binding.sign = broadcast_object_list([binding.latent_of, binding.sign])
         trainer.relation.bind(binding.latent_of, binding.sign)
+        logger.info("training: latents bound to attributes: " + ", ".join(
+            f"{name} <- z{binding.latent_of[i]}{'' if binding.sign[i] > 0 else ' (sign flipped)'}"
+            for i, name in enumerate(dataset.attributes)))
         if topts.checkpoint_every:
             trainer.save(checkpoint_dir)  # the binding is part of every later checkpoint
     trainer.fit(topts.steps, desc="train")
@@ -314,6 +327,7 @@ def _finish(ctx: RunContext, dataset: ImageDataset, split: Split, scores: np.nda
     write_json(run_dir / "history.json", trainer.history)
     run = TrainedRun(context=ctx, dataset=dataset, extractor=extractor, relation=relation, split=split,
                      score_indices=split.scored, scores=scores, impact=impact)
+    logger.info("figures: traversals, relation heatmaps, loss curves, score histograms")
     _draw_run_figures(run, ranking, trainer.history)
     write_json(run_dir / "metrics.json", facts)
     if eval_metrics is None and not recipe.evaluation.full_metrics:

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from gem.interfaces import ImageDataset, RelationOracle
 from gem.recipe import Recipe
 from gem.score_cache import ScoreCache, image_hash
+from gem.progress import progress
 
 __all__ = ["score_images", "score_with_cache", "score_summary"]
 
@@ -47,7 +47,7 @@ def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndar
     groups = {cols: rows[rank::processes] for cols, rows in groups.items()}
     asked = sum(len(rows) for rows in groups.values())
     answered: list[tuple[np.ndarray, tuple[int, ...], np.ndarray]] = []
-    with tqdm(total=asked, desc="score", unit="img", disable=not show_progress) as bar:
+    with progress(asked, "score", unit="img", disable=not show_progress) as bar:
         for cols, rows in groups.items():
             names = [attributes[j] for j in cols]
             for start in range(0, len(rows), batch_size):

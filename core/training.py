@@ -21,13 +21,13 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from gem.errors import GemError
 from gem.interfaces import Extractor
 from gem.io import atomic_write_bytes
 from gem.recipe import RecipeError, TrainingOptions
 from gem.relations import RelationModel
+from gem.progress import progress
 
 #: The checkpoint file inside a checkpoint folder.
 CHECKPOINT_FILE = "state.pt"
@@ -290,8 +290,8 @@ class Trainer:
         """
         acc, opts = self.accelerator, self.options
         train_graph = self.graph_optimizer is not None and self.relation.is_bound
-        bar = tqdm(total=max(until - self.step, 0), desc=desc, unit="step", dynamic_ncols=True,
-                   disable=not acc.is_local_main_process)
+        bar = progress(max(until - self.step, 0), desc, unit="step", disable=not acc.is_local_main_process,
+                       dynamic_ncols=True)
         self.prepared_extractor.train()
         self.prepared_relation.train()
         previous = self._catch_sigint()

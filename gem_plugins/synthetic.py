@@ -18,13 +18,13 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 from scipy.special import ndtr
-from tqdm.auto import tqdm
 
 from gem import hookimpl
 from gem.data import check_factor_names
 from gem.recipe import check_ranges
 from gem.interfaces import BuildContext, ImageDataset
 from gem.labels import class_scores, true_impact
+from gem.progress import progress
 
 #: Every factor the renderer knows, with its number of classes.
 FACTOR_LEVELS: dict[str, int] = {
@@ -294,7 +294,7 @@ def _render_to_cache(factors: np.ndarray, names: list[str], size: int, path: Pat
     try:
         images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                            shape=(len(factors), size, size, 3))
-        with tqdm(total=len(factors), desc="render synthetic", unit="img") as bar:
+        with progress(len(factors), "render synthetic", unit="img") as bar:
             for start in range(0, len(factors), _BATCH):
                 chunk = factors[start:start + _BATCH]
                 images[start:start + len(chunk)] = render(chunk, names, size)

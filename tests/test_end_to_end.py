@@ -1,6 +1,9 @@
 """A tiny run of the whole pipeline through the CLI: every output, and relations that match."""
 
 import json
+import contextlib
+import io
+import os
 import subprocess
 import sys
 
@@ -29,9 +32,40 @@ def tiny_run(tmp_path_factory):
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run_dir = tmp / "run"
-    code = run_main([str(path), "--out", str(run_dir), "--set", "training.steps=16", "--set", "seed=3"])
-    assert code == 0
+    err = io.StringIO()
+    disabled = os.environ.pop("TQDM_DISABLE", None)  # the suite hides progress; this run shows it
+    try:
+        with contextlib.redirect_stderr(err):  # not a terminal: progress comes as plain lines
+            code = run_main([str(path), "--out", str(run_dir), "--set", "training.steps=16", "--set", "seed=3"])
+    finally:
+        if disabled is not None:
+            os.environ["TQDM_DISABLE"] = disabled
+    assert code == 0, err.getvalue()[-3000:]
+    (tmp / "stderr.txt").write_text(err.getvalue())
     return run_dir
+
+
+def test_every_stage_says_what_it_does_in_plain_lines(tiny_run):
+    err = (tiny_run.parent / "stderr.txt").read_text()
+    assert "\r" not in err and "\x1b" not in err  # no bar redraws in a log file
+    for stage in ("running recipe", "data: ", "scores: ", "ranking: ", "training: ", "latents bound to attributes",
+                  "figures: "):
+        assert stage in err, stage
+    for i, group in enumerate(("disentanglement", "reconstruction", "fidelity", "relations", "oracle_quality",
+                               "efficiency"), start=1):
+        assert f"evaluation {i}/6: {group}, " in err
+        assert f"evaluation: {group} took " in err
+    assert "train: 100% (" in err and "disentanglement: 100% (" in err
+
+
+def test_quiet_hides_progress_and_verbose_adds_debug(tiny_run):
+    from gem.eval_command import eval_main
+
+    for flag, expected in (("-q", False), (None, True)):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            assert eval_main([str(tiny_run), "--metrics", "relations", *([flag] if flag else [])]) == 0
+        assert ("evaluation 1/1: relations" in err.getvalue()) is expected, err.getvalue()
 
 
 def test_every_output_is_written(tiny_run):

@@ -1,0 +1,100 @@
+"""Progress and stage messages: plain lines when the output is not a terminal, silence under --quiet."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from gem import progress as progress_module
+from gem.progress import LineProgress, logger, progress, setup_logging
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = Clock()
+    monkeypatch.setattr(progress_module.time, "perf_counter", fake)
+    return fake
+
+
+@pytest.fixture(autouse=True)
+def default_logging():
+    setup_logging(0)
+    yield
+    setup_logging(0)
+
+
+def test_a_slow_stage_prints_a_line_every_ten_percent_and_one_at_the_end(clock):
+    out = io.StringIO()
+    with LineProgress(100, "train", unit="step", stream=out) as bar:
+        for _ in range(100):
+            clock.now += 1.0
+            bar.update(1)
+            bar.set_postfix(loss=1.5)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10  # 10 %, ..., 90 % and the closing 100 %
+    assert lines[0] == "train: 10% (10/100 step), 10 s, about 1 min 30 s left, loss=1.5"
+    assert lines[-1] == "train: 100% (100/100 step), 1 min 40 s, loss=1.5"
+    assert "\r" not in out.getvalue()
+
+
+def test_a_fast_stage_prints_only_its_last_line(clock):
+    out = io.StringIO()
+    with LineProgress(1000, "score", unit="img", stream=out) as bar:
+        for _ in range(10):
+            clock.now += 0.01
+            bar.update(100)
+    assert out.getvalue().splitlines() == ["score: 100% (1000/1000 img), 0 s"]
+
+
+def test_a_long_wait_between_updates_still_reports_every_thirty_seconds(clock):
+    out = io.StringIO()
+    bar = LineProgress(1000, "evaluate", unit="metric", stream=out)
+    clock.now += 31.0
+    bar.update(1)  # 0.1 %: not a 10 % step, but 31 s since the last line
+    assert out.getvalue().splitlines() == ["evaluate: 0% (1/1000 metric), 31 s, about 8 h 36 min left"]
+    bar.close()
+    assert len(out.getvalue().splitlines()) == 1  # nothing new to say
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch):
+    from tqdm.auto import tqdm
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    bar = progress(10, "x", stream=Terminal())
+    assert isinstance(bar, tqdm)
+    bar.close()
+    assert isinstance(progress(10, "x", stream=io.StringIO()), LineProgress)
+
+
+def test_quiet_silences_progress_and_stage_messages_but_not_warnings():
+    err = io.StringIO()
+    setup_logging(-1, stream=err)
+    bar = progress(3, "train", stream=err)
+    bar.update(3)
+    bar.close()
+    logger.info("data: loading")
+    logger.warning("dropped a key")
+    assert err.getvalue() == "dropped a key\n"
+
+
+def test_verbose_adds_debug_messages_with_times():
+    err = io.StringIO()
+    setup_logging(1, stream=err)
+    logger.debug("detail")
+    assert "gem: detail" in err.getvalue()
+    assert logger.level == logging.DEBUG
