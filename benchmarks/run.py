@@ -40,6 +40,7 @@ def _benchmarks() -> dict[str, Callable[[bool], Row]]:
     from bench_oracle import bench_oracle
     from bench_somersd import bench_somersd
     from bench_startup import bench_startup
+    from bench_threads import bench_threads
     from bench_training import bench_training
 
     table: dict[str, Callable[[bool], Row]] = {
@@ -52,6 +53,7 @@ def _benchmarks() -> dict[str, Callable[[bool], Row]]:
         "memory_run": bench_memory_run,
         "memory_celeba": bench_memory_celeba,
         "startup": bench_startup,
+        "threads": bench_threads,
     }
     import torch
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+# Before torch loads OpenMP: threads that wait sleep instead of spinning, so a run that shares its
+# cores with other processes slows down in proportion instead of collapsing (benchmarks: threads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -42,8 +47,6 @@ def _run_parser(prog: str = "gem-run") -> argparse.ArgumentParser:
 
 def _world_size() -> int:
     """Processes of the distributed job this one belongs to (1 when not launched by accelerate/torchrun)."""
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 

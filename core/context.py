@@ -20,6 +20,7 @@ from gem.errors import DataError
 from gem.interfaces import BuildContext, ImageDataset
 from gem.plugins import Registry
 from gem.recipe import Recipe, TrainingOptions
+from gem.progress import logger
 
 __all__ = ["DataError", "Split", "RunContext", "make_accelerator", "leave_process_group", "split_indices",
            "timestamped_folder"]
@@ -96,6 +97,23 @@ def split_indices(recipe: Recipe, dataset: ImageDataset) -> Split:
     return Split(train, held_out, scored)
 
 
+def auto_threads() -> tuple[int, str]:
+    """torch threads for ``training.threads: 0`` (unless ``OMP_NUM_THREADS`` is set) and the reason,
+    in words: the cores this process may use less the ones other processes keep busy (the 1-minute
+    load average), at least one.
+
+    More threads than free cores make every thread wait for the slowest (several times slower
+    steps); with ``OMP_WAIT_POLICY=PASSIVE`` (gem's commands set it unless you do) waiting
+    threads sleep instead of spinning, so a wrong guess costs little."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        busy = 0.0
+    threads = max(1, min(cores, int(cores - busy + 0.5)))
+    return threads, f"{cores} core(s), load {busy:.1f}"
+
+
 @dataclass
 class RunContext:
     """A validated recipe with its plugins, accelerator and folders.
@@ -119,6 +137,10 @@ class RunContext:
 
         if recipe.training.threads:
             torch.set_num_threads(recipe.training.threads)
+        elif not os.environ.get("OMP_NUM_THREADS"):  # a thread count the user set in the environment stays
+            threads, why = auto_threads()
+            torch.set_num_threads(threads)
+            logger.info(f"threads: {threads} ({why}; set training.threads to choose)")
         registry.pm.hook.gem_configure.call_historic(kwargs={"recipe": recipe.to_dict()})
         acc = accelerator if accelerator is not None else make_accelerator(recipe.training)
         run_dir = Path(run_dir)

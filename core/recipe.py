@@ -78,7 +78,7 @@ class TrainingOptions:
     gradient_accumulation_steps: int = 1
     """Update the models every k batches (effective batch k x batch_size); ``steps`` counts batches."""
     threads: int = 0
-    """torch intra-op threads on the CPU; 0 leaves torch's default."""
+    """torch intra-op threads on the CPU; 0 chooses them from the free cores (:func:`gem.context.auto_threads`)."""
 
     def __post_init__(self) -> None:
         check_ranges(self, positive=("steps", "batch_size", "log_every", "graph_lr", "gradient_accumulation_steps"),

@@ -98,3 +98,15 @@ def test_verbose_adds_debug_messages_with_times():
     logger.debug("detail")
     assert "gem: detail" in err.getvalue()
     assert logger.level == logging.DEBUG
+
+
+def test_auto_threads_leaves_the_cores_other_processes_keep_busy(monkeypatch):
+    import os
+
+    from gem.context import auto_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    for load, expected in ((0.0, 4), (1.2, 3), (2.6, 1), (9.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        threads, why = auto_threads()
+        assert threads == expected and "4 core(s)" in why

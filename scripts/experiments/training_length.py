@@ -50,7 +50,7 @@ def lookup(metrics: dict, path: str) -> float:
     return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
-def run_method(method: str, steps: list[int], out: Path, base_overrides: list[str]) -> dict[int, dict]:
+def run_method(method: str, steps: list[int], out: Path, base_overrides: list[str], recipe: str) -> dict[int, dict]:
     import torch
 
     from gem.compare import VARIANTS
@@ -61,7 +61,7 @@ def run_method(method: str, steps: list[int], out: Path, base_overrides: list[st
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     registry = Registry(make_plugin_manager())
-    base = apply_overrides(load_recipe_file("synthetic"), base_overrides)
+    base = apply_overrides(load_recipe_file(recipe), base_overrides)
     data = VARIANTS[method].recipe(base)
     run_dir = out / method / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,11 +130,12 @@ def main() -> int:
     p.add_argument("--steps", nargs="+", type=int, default=[1000, 2000, 4000, 8000, 16000, 30000])
     p.add_argument("--set", dest="overrides", action="append", default=["training.warmup_steps=600"],
                    help="recipe override applied to the default synthetic recipe (repeatable)")
+    p.add_argument("--recipe", default="synthetic", help="base recipe (default: the shipped synthetic recipe)")
     p.add_argument("--out", type=Path, default=Path("runs/training-length"))
     p.add_argument("--table", type=Path, default=None)
     p.add_argument("--figure", type=Path, default=None)
     args = p.parse_args()
-    all_results = {m: run_method(m, sorted(args.steps), args.out, args.overrides) for m in args.methods}
+    all_results = {m: run_method(m, sorted(args.steps), args.out, args.overrides, args.recipe) for m in args.methods}
     text = write_table(all_results, args.table or args.out / "training-length.md")
     print(text)
     draw(all_results, args.figure or args.out / "training-length.png")
