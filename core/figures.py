@@ -149,6 +149,7 @@ def plot_impact_heatmap(
     title: str,
     ci_low: np.ndarray | None = None,
     ci_high: np.ndarray | None = None,
+    outline: tuple[int, int] | None = None,
 ) -> Path:
     """Plot an asymmetric signed impact matrix as an annotated heatmap.
 
@@ -165,6 +166,8 @@ def plot_impact_heatmap(
         Figure title.
     ci_low, ci_high : np.ndarray, optional
         (n, n) confidence bounds, printed under each value when n <= 12.
+    outline : (i, j), optional
+        A pair whose two cells, (i, j) and (j, i), are outlined (e.g. the most asymmetric pair).
 
     Returns
     -------
@@ -186,6 +189,15 @@ def plot_impact_heatmap(
     ax = fig.add_subplot()
     im = _draw_matrix(ax, m, attributes, annotate=annotate, value_fontsize=9.5 if n <= 8 else 8.0,
                       ci_low=lo, ci_high=hi)
+    if outline is not None:
+        from matplotlib.patches import Rectangle
+
+        i, j = outline
+        for row, col, style in ((i, j, "-"), (j, i, "--")):
+            ax.add_patch(Rectangle((col - 0.46, row - 0.46), 0.92, 0.92, fill=False, edgecolor="black",
+                                   linewidth=2.0, linestyle=style))
+        ax.set_xlabel(ax.get_xlabel() + f"\noutlined: {attributes[i]} → {attributes[j]} (solid) and back (dashed), "
+                      "the most asymmetric pair", fontsize=max(_tick_fontsize(n), 8))
     cbar = fig.colorbar(im, ax=ax, shrink=0.8, pad=0.02, aspect=30)
     cbar.set_label("impact", fontsize=9)
     cbar.ax.tick_params(labelsize=8)

@@ -30,6 +30,7 @@ from gem.run_report import run_summary, write_run_report
 from gem.scoring import score_summary, score_with_cache
 from gem.training import CheckpointError, Interrupted, Trainer, encode_images, load_checkpoint
 from gem.progress import logger
+from gem.somers_d import most_asymmetric_pair
 
 #: Recipe keys a resumed run may change: they do not change what the run computes.
 RESUME_MAY_CHANGE = ("training.steps", "training.checkpoint_every", "training.num_workers", "training.threads")
@@ -355,7 +356,8 @@ def _draw_run_figures(run: TrainedRun, ranking: Ranking, history: list[dict[str,
         figures.plot_traversals(grid, attrs, values, folder / f"traversal_relation_aware_{name}.png",
                                 f"Relation-aware traversals decoded by the {name} decoder")
     figures.plot_impact_heatmap(ranking.impact, attrs, folder / "impact_heatmap.png",
-                                "Impact scores S (Somers' D, row → column)", ranking.ci_low, ranking.ci_high)
+                                "Impact scores S (Somers' D, row → column)", ranking.ci_low, ranking.ci_high,
+                                outline=most_asymmetric_pair(ranking.impact))
     matrices = {"oracle S": ranking.impact, "learned A": run.learned_adjacency}
     if run.dataset.true_impact is not None:
         matrices = {"true": run.dataset.true_impact, **matrices}

@@ -10,9 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from gem.report import Report
+from gem.somers_d import most_asymmetric_pair
 
 
 #: The two codes disentanglement is measured on, in words (metrics.json, the report and gem compare).
@@ -70,6 +72,23 @@ def _flat(value: Any) -> Any:
     return yaml.safe_dump(value, default_flow_style=True, width=120).strip()
 
 
+def asymmetry_sentence(impact: dict[str, Any]) -> str:
+    """One sentence naming the pair of attributes whose two directions in S differ most."""
+    matrix, attrs = impact.get("oracle_impact"), impact.get("attributes") or []
+    if matrix is None:
+        return ""
+    m = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    pair = most_asymmetric_pair(m)
+    if pair is None:
+        return ""
+    i, j = pair
+    a, b = attrs[i], attrs[j]
+    return (f"S[{a} → {b}] = {m[i, j]:.2f} against S[{b} → {a}] = {m[j, i]:.2f} (outlined in the heatmap). "
+            f"Knowing {a} orders {b} better than the other way round; this is the direction of prediction, "
+            "not necessarily of cause: when a coarse attribute is set by a finer one, the larger entry runs "
+            "from the coarse one (the effect) to the finer one (the cause).")
+
+
 def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` from what the run folder holds."""
     run_dir = Path(run_dir)
@@ -106,6 +125,9 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     for heading, name, caption in images:
         if (fig / name).is_file():
             doc.add_image(heading, fig / name, caption)
+    pair_text = asymmetry_sentence(impact)
+    if pair_text:
+        doc.add_text("Most asymmetric pair", pair_text)
     for note in impact.get("notes", []):
         doc.add_text("Ranker note", note)
     rels = metrics.get("relations", {})

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 from scipy import sparse
 
-__all__ = ["LEVELS", "somers_d_matrix", "somers_d_bootstrap"]
+__all__ = ["LEVELS", "somers_d_matrix", "somers_d_bootstrap", "most_asymmetric_pair"]
 
 #: Number of score levels of the 0-5 oracle scale.
 LEVELS = 6
@@ -209,3 +209,20 @@ def somers_d_bootstrap(scores: np.ndarray, n_boot: int, seed: Optional[int | np.
         stop = min(start + group, n_boot)
         replicates[start:stop] = _d_from_tables(_weighted_tables(codes, levels, counts[start:stop]))
     return replicates
+
+
+def most_asymmetric_pair(impact: np.ndarray) -> Optional[tuple[int, int]]:
+    """The pair whose two directions differ most, as ``(i, j)`` with ``|S[i, j]| >= |S[j, i]|``
+    (None for fewer than two attributes or no finite pair). Somers' D is asymmetric when the two
+    attributes differ in how many levels they use: a coarse attribute set by a fine one gets the
+    larger entry from the coarse one to the fine one."""
+    m = np.asarray(impact, dtype=float)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 2:
+        return None
+    gap = np.abs(np.abs(m) - np.abs(m.T))
+    gap[~np.isfinite(gap)] = -1.0
+    np.fill_diagonal(gap, -1.0)
+    i, j = np.unravel_index(int(np.argmax(gap)), gap.shape)
+    if gap[i, j] < 0:
+        return None
+    return (int(i), int(j)) if abs(m[i, j]) >= abs(m[j, i]) else (int(j), int(i))

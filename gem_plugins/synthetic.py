@@ -35,7 +35,12 @@ FACTOR_LEVELS: dict[str, int] = {
     "orientation": 15,
     "position": 10,
     "shape": 4,
+    "window": 2,
 }
+
+#: The class a factor takes when it does not vary: its middle class, except the window, which is
+#: absent (so scenes without the factor look as they did before it existed).
+RESTING_CLASS: dict[str, int] = {**{name: levels // 2 for name, levels in FACTOR_LEVELS.items()}, "window": 0}
 
 #: Names of the ``shape`` classes, in class order.
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "cross")
@@ -49,6 +54,9 @@ _SCALE_RANGE = (0.15, 0.40)     # object width as a fraction of the image width
 _POSITION_RANGE = (0.2, 0.8)    # horizontal centre as a fraction of the width
 _ANGLE_RANGE = (-30.0, 30.0)    # degrees
 _CROSS_ARM = 0.4        # half-width of a cross arm relative to its half-length
+_WINDOW = (0.10, 0.34, 0.08, 0.36)  # top, bottom, left, right of the window on the wall (fractions)
+_WINDOW_COLOR = np.array([250, 250, 235], dtype=np.uint8)
+_WINDOW_BARS = np.array([90, 90, 90], dtype=np.uint8)
 _BATCH = 512
 
 
@@ -70,11 +78,13 @@ _OBJECT_COLORS = _palette(FACTOR_LEVELS["object_hue"], 1.0, 1.0)
 
 
 def _default_factors() -> list[str]:
-    return ["floor_hue", "wall_hue", "object_hue", "scale", "position", "shape"]
+    return ["floor_hue", "wall_hue", "object_hue", "scale", "position", "shape", "window"]
 
 
 def _default_correlations() -> list[list]:
-    return [["object_hue", "scale", 0.7], ["floor_hue", "wall_hue", 0.6], ["shape", "position", -0.5]]
+    # wall_hue -> window is many-to-one (ten hues, two window states): S is clearly asymmetric.
+    return [["object_hue", "scale", 0.7], ["floor_hue", "wall_hue", 0.6], ["shape", "position", -0.5],
+            ["wall_hue", "window", 0.9]]
 
 
 @dataclass
@@ -87,7 +97,8 @@ class SyntheticOptions:
     image_size : side length in pixels of the square RGB images.
     seed : sampling seed; None uses the run seed.
     factors : factors that vary (one attribute each); the others stay at their middle class.
-        Allowed: floor_hue, wall_hue, object_hue, scale, orientation, position, shape.
+        Allowed: floor_hue, wall_hue, object_hue, scale, orientation, position, shape, window
+        (a window on the wall, absent or present: a two-level factor).
     correlations : edges ``[parent, child, strength]``, strength in (-1, 1); the edges must
         form a DAG and each child's squared strengths must sum to less than 1.
     strength : when set, every edge gets this strength (keeping its sign): 0 makes the factors
@@ -241,6 +252,14 @@ def _render_batch(classes: dict[str, np.ndarray], size: int) -> np.ndarray:
     floor = np.broadcast_to((grid >= _HORIZON)[None, :, None, None], (n, size, 1, 1))
     background = np.where(floor, _FLOOR_COLORS[classes["floor_hue"]][:, None, None, :],
                           _WALL_COLORS[classes["wall_hue"]][:, None, None, :])
+    if classes["window"].any():  # a light pane with a cross of bars, drawn on the wall
+        top, bottom, left, right = _WINDOW
+        pane = (y >= top) & (y < bottom) & (x >= left) & (x < right)
+        bars = pane & ((np.abs(y - (top + bottom) / 2) < 0.6 / size + 0.01) |
+                       (np.abs(x - (left + right) / 2) < 0.6 / size + 0.01))
+        shown = (classes["window"] == 1)[:, None, None]
+        colour = np.where(bars[..., None], _WINDOW_BARS, _WINDOW_COLOR)
+        background = np.where((shown & pane)[..., None], colour, background)
     return np.where(inside[..., None], _OBJECT_COLORS[classes["object_hue"]][:, None, None, :],
                     background).astype(np.uint8)
 
@@ -270,7 +289,7 @@ def render(factor_classes: np.ndarray, factor_names: Sequence[str], image_size: 
     out = np.empty((len(classes), image_size, image_size, 3), dtype=np.uint8)
     for start in range(0, len(classes), _BATCH):
         chunk = classes[start:start + _BATCH]
-        full = {name: np.full(len(chunk), levels // 2, dtype=np.int64) for name, levels in FACTOR_LEVELS.items()}
+        full = {name: np.full(len(chunk), RESTING_CLASS[name], dtype=np.int64) for name in FACTOR_LEVELS}
         for k, name in enumerate(names):
             full[name] = np.clip(chunk[:, k], 0, FACTOR_LEVELS[name] - 1)
         out[start:start + _BATCH] = _render_batch(full, image_size)
@@ -344,8 +363,7 @@ def build_synthetic(options: SyntheticOptions, context: BuildContext) -> ImageDa
             "correlations": [{"parent": p, "child": c, "strength": float(s)}
                              for p, c, s in options.edges()],
             "factor_levels": {name: FACTOR_LEVELS[name] for name in names},
-            "fixed_factors": {name: levels // 2 for name, levels in FACTOR_LEVELS.items()
-                              if name not in names},
+            "fixed_factors": {name: RESTING_CLASS[name] for name in FACTOR_LEVELS if name not in names},
             "shapes": list(SHAPES),
             "seed": seed,
             "cache_file": str(path),

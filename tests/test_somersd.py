@@ -253,3 +253,30 @@ def test_bootstrap_replicates_are_weighted_matrices():
     assert somers_d_bootstrap(scores, 0).shape == (0, 5, 5)
     with pytest.raises(ValueError, match="n_boot"):
         somers_d_bootstrap(scores, -1)
+
+
+def test_most_asymmetric_pair_is_ordered_by_the_larger_direction():
+    from gem.somers_d import most_asymmetric_pair
+
+    S = np.array([[1.0, 0.53, 0.10], [0.87, 1.0, -0.20], [0.10, -0.25, 1.0]])
+    assert most_asymmetric_pair(S) == (1, 0)
+    S[2, 1] = -0.9  # |−0.9| against |−0.2|: the sign does not matter, the strength does
+    assert most_asymmetric_pair(S) == (2, 1)
+    assert most_asymmetric_pair(np.eye(1)) is None
+    assert most_asymmetric_pair(np.full((2, 2), np.nan)) is None
+
+
+def test_a_coarse_attribute_set_by_a_fine_one_gets_the_larger_entry_towards_the_fine_one():
+    """The default synthetic data's window (2 levels) follows the wall hue (10 levels): S differs
+    by more than 0.3 between the two directions on the 1,500 images the oracle scores."""
+    from gem.labels import class_scores
+    from gem.somers_d import most_asymmetric_pair
+    from gem_plugins.synthetic import FACTOR_LEVELS, SyntheticOptions, sample_factors
+
+    options = SyntheticOptions()
+    names = options.factors
+    scores = class_scores(sample_factors(options, 0)[:1500], [FACTOR_LEVELS[n] for n in names])
+    S = somers_d_matrix(scores)
+    window, wall = names.index("window"), names.index("wall_hue")
+    assert S[window, wall] - S[wall, window] >= 0.3
+    assert most_asymmetric_pair(S) == (window, wall)

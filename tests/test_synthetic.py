@@ -168,12 +168,27 @@ def test_factor_changes_change_the_right_pixels():
         assert (render(other, names, 64) != image).any(-1).sum() > 20, names[k]
 
 
+def test_the_window_is_a_two_level_factor_that_shows_on_the_wall_and_rests_absent():
+    from gem_plugins.synthetic import RESTING_CLASS
+
+    assert FACTOR_LEVELS["window"] == 2 and RESTING_CLASS["window"] == 0
+    names = ["wall_hue", "window"]
+    without, with_window = render(np.array([[3, 0], [3, 1]]), names, 64)
+    changed = (without != with_window).any(-1)
+    assert changed.sum() > 100
+    rows, cols = np.nonzero(changed)
+    assert rows.max() < 0.6 * 64 and cols.max() < 0.5 * 64  # on the wall, left of the middle
+    np.testing.assert_array_equal(without, render(np.array([3]), ["wall_hue"], 64))
+
+
 def test_render_fills_unlisted_factors_and_batches():
     classes = np.array([[0, 3], [9, 1], [4, 2]])
     batch = render(classes, ["object_hue", "shape"], 48)
     assert batch.shape == (3, 48, 48, 3)
     np.testing.assert_array_equal(batch[1], render(classes[1], ["object_hue", "shape"], 48))
-    full = np.array([FACTOR_LEVELS[n] // 2 for n in FACTOR_LEVELS])
+    from gem_plugins.synthetic import RESTING_CLASS
+
+    full = np.array([RESTING_CLASS[n] for n in FACTOR_LEVELS])  # the middle class, no window
     full[list(FACTOR_LEVELS).index("object_hue")] = 4
     full[list(FACTOR_LEVELS).index("shape")] = 2
     np.testing.assert_array_equal(batch[2], render(full, list(FACTOR_LEVELS), 48))
@@ -231,7 +246,7 @@ def test_strength_sets_every_edge_and_keeps_signs():
 
     options = SyntheticOptions(n_images=4000, strength=0.9)
     assert options.edges() == [["object_hue", "scale", 0.9], ["floor_hue", "wall_hue", 0.9],
-                               ["shape", "position", -0.9]]
+                               ["shape", "position", -0.9], ["wall_hue", "window", 0.9]]
     levels = np.array([FACTOR_LEVELS[name] for name in options.factors])
 
     def strongest(opts):
