@@ -39,7 +39,7 @@ def new_figure(width: float, height: float, layout: str | None = "constrained"):
 def _grid_figure(nrows: int, ncols: int, panel_w: float, panel_h: float, sharex: bool = False):
     """Small-multiples figure with fixed margins in inches (much faster than a layout
     engine with dozens of axes)."""
-    left, right, top, bottom, wgap, hgap = 0.55, 0.15, 0.6, 0.45, 0.5, 0.5
+    left, right, top, bottom, wgap, hgap = 0.7, 0.15, 0.6, 0.5, 0.6, 0.65
     width = left + right + ncols * panel_w + (ncols - 1) * wgap
     height = top + bottom + nrows * panel_h + (nrows - 1) * hgap
     fig = new_figure(width, height, layout=None)
@@ -356,6 +356,7 @@ def plot_loss_curves(
     history: Sequence[Mapping[str, float]],
     path: Path,
     title: str = "training",
+    marks: Mapping[str, float] | None = None,
 ) -> Path:
     """Plot every numeric series of a training history, one small subplot each.
 
@@ -369,6 +370,9 @@ def plot_loss_curves(
         Output image.
     title : str
         Figure title.
+    marks : mapping, optional
+        ``{label: step}``: a dashed vertical line on every subplot at each step (e.g. the end of
+        the warm-up, when the latents are bound), named under the title.
 
     Returns
     -------
@@ -413,14 +417,19 @@ def plot_loss_curves(
                     ax.plot(x, _ema(y, 2.0 / (span + 1.0)), color="C0", lw=1.5)
             if np.all(y > 0) and y.max() / y.min() > 100.0:
                 ax.set_yscale("log")
+            for step in (marks or {}).values():
+                ax.axvline(float(step), color="#b2182b", ls="--", lw=1.0)
             ax.set_title(key, fontsize=10)
+            ax.set_ylabel(key, fontsize=8)
             ax.tick_params(labelsize=8)
             ax.grid(alpha=0.3, lw=0.5)
         for ax in axes[k:]:
             ax.set_axis_off()
-        for ax in axes[max(0, k - ncols):k]:
-            ax.set_xlabel("step", fontsize=8)
-    fig.suptitle(title, fontsize=12, y=1 - 0.15 / fig.get_figheight(), va="top")
+        for ax in axes[:k]:
+            ax.set_xlabel("training step", fontsize=8)
+    if marks:
+        title += "   (dashed: " + ", ".join(f"{label} at step {step:g}" for label, step in marks.items()) + ")"
+    fig.suptitle(title, fontsize=11 if marks else 12, y=1 - 0.15 / fig.get_figheight(), va="top")
     return atomic_save_figure(fig, path, dpi=DPI)
 
 
@@ -474,6 +483,9 @@ def plot_score_histogram(
             ax.hist(ok, bins=np.linspace(lo, hi, 21), color="C0")
         label = str(name) if missing == 0 else f"{name} (n/a: {missing})"
         ax.set_title(label, fontsize=9, color="black" if missing == 0 else "#b2182b")
+        ax.set_xlabel("score", fontsize=7)
+        if j % ncols == 0:
+            ax.set_ylabel("images", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(axis="y", alpha=0.3, lw=0.5)
     for ax in axes[n:]:

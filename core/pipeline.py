@@ -366,5 +366,7 @@ def _draw_run_figures(run: TrainedRun, ranking: Ranking, history: list[dict[str,
                             "Relation-aware traversals (z_rel = Aᵀz)")
     figures.plot_traversals(independent, attrs, values, folder / "traversal_independent.png",
                             "Independent traversals (one decoder input at a time)")
-    figures.plot_loss_curves(history, folder / "loss_curves.png", "training losses")
+    warmup = min(run.recipe.training.warmup_steps, run.recipe.training.steps)
+    marks = {"end of warm-up, latents bound": warmup} if run.relation.is_bound and 0 < warmup < run.recipe.training.steps else None
+    figures.plot_loss_curves(history, folder / "loss_curves.png", "training losses", marks=marks)
     figures.plot_score_histogram(run.scores, attrs, folder / "oracle_scores.png", "oracle scores")

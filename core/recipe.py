@@ -109,6 +109,8 @@ class EvaluationOptions:
     traversal_range: float = 2.5
     traversal_steps: int = 9
     traversal_image: int = 0
+    report_figures: Literal["embed", "link"] = "embed"
+    """``embed``: report.html holds its figures and can be sent alone; ``link``: it links figures/."""
 
     def __post_init__(self) -> None:
         check_ranges(self, positive=("n_images", "traversal_range", "traversal_steps"),

@@ -7,10 +7,12 @@ and :func:`text_table` the one plain-text table.
 
 from __future__ import annotations
 
+import base64
 import html
 import math
 import numbers
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -167,8 +169,11 @@ class Report:
                     out += [f"*{caption}*", ""]
         return "\n".join(out).rstrip() + "\n"
 
-    def to_html(self, run_dir: Path) -> str:
-        """The report as a standalone HTML page, image paths relative to ``run_dir``."""
+    def to_html(self, run_dir: Path, embed_images: bool = True) -> str:
+        """The report as one HTML page. With ``embed_images`` every figure is inside the page (a
+        ``data:`` URI), so the file alone can be sent or archived; otherwise figures are linked,
+        relative to ``run_dir``. Text, captions and table cells render their inline Markdown
+        (`code`, **bold**, *italic*)."""
         esc = html.escape
         parts = [
             "<!DOCTYPE html>",
@@ -187,12 +192,12 @@ class Report:
             parts.append(f"<h2>{esc(heading)}</h2>")
             if kind == "text":
                 for para in _paragraphs(payload):
-                    parts.append("<p>" + "<br>\n".join(esc(line) for line in para) + "</p>")
+                    parts.append("<p>" + "<br>\n".join(_inline_html(line) for line in para) + "</p>")
             elif kind == "table":
                 header, body = payload
                 parts.append("<table>")
                 if caption:
-                    parts.append(f"<caption>{esc(caption)}</caption>")
+                    parts.append(f"<caption>{_inline_html(caption)}</caption>")
                 if header:
                     parts.append("<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header)
                                  + "</tr></thead>")
@@ -202,7 +207,7 @@ class Report:
                     for v in row:
                         text = "" if _is_blank(v) else format_cell(v)
                         cls = ' class="num"' if _is_numeric_cell(v) else ""
-                        cells.append(f"<td{cls}>{esc(text)}</td>")
+                        cells.append(f"<td{cls}>{_inline_html(text)}</td>")
                     parts.append("<tr>" + "".join(cells) + "</tr>")
                 if not body:
                     parts.append(f'<tr><td colspan="{max(1, len(header))}"><em>(empty)</em></td></tr>')
@@ -210,17 +215,22 @@ class Report:
             else:
                 rel = quote(self._relative(payload, run_dir))
                 alt = caption or heading
+                source = _data_uri(run_dir / payload if not payload.is_absolute() else payload) if embed_images else None
                 parts.append("<figure>")
-                parts.append(f'<a href="{esc(rel)}"><img src="{esc(rel)}" alt="{esc(alt)}"></a>')
+                if source is None:
+                    parts.append(f'<a href="{esc(rel)}"><img src="{esc(rel)}" alt="{esc(alt)}"></a>')
+                else:
+                    parts.append(f'<img src="{source}" alt="{esc(alt)}">')
                 if caption:
-                    parts.append(f"<figcaption>{esc(caption)}</figcaption>")
+                    parts.append(f"<figcaption>{_inline_html(caption)}</figcaption>")
                 parts.append("</figure>")
             parts.append("</section>")
         parts += ["</body>", "</html>"]
         return "\n".join(parts) + "\n"
 
-    def write(self, run_dir: Path) -> tuple[Path, Path]:
-        """Write ``report.md`` and ``report.html`` into ``run_dir`` (atomically).
+    def write(self, run_dir: Path, embed_images: bool = True) -> tuple[Path, Path]:
+        """Write ``report.md`` and ``report.html`` into ``run_dir`` (atomically); the HTML page holds
+        its figures unless ``embed_images`` is False (see :meth:`to_html`).
 
         Returns
         -------
@@ -230,8 +240,42 @@ class Report:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         md = atomic_write_text(run_dir / "report.md", self.to_markdown(run_dir))
-        page = atomic_write_text(run_dir / "report.html", self.to_html(run_dir))
+        page = atomic_write_text(run_dir / "report.html", self.to_html(run_dir, embed_images))
         return md, page
+
+
+_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
+                ".gif": "image/gif", ".webp": "image/webp"}
+
+
+def _data_uri(path: Path) -> Optional[str]:
+    """The image as a ``data:`` URI, or None when it cannot be read (the page then links it)."""
+    kind = _IMAGE_TYPES.get(path.suffix.lower())
+    try:
+        data = path.read_bytes() if kind else None
+    except OSError:
+        return None
+    return None if data is None else f"data:{kind};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+_INLINE = re.compile(r"`([^`]+)`|\*\*(\S(?:[^*]*?\S)?)\*\*|(?<![\w*])\*(\S(?:[^*]*?\S)?)\*(?![\w*])")
+
+
+def _inline_html(text: str) -> str:
+    """Escape ``text`` for HTML and render its inline Markdown: `code`, **bold**, *italic*."""
+    out, last = [], 0
+    for match in _INLINE.finditer(text):
+        out.append(html.escape(text[last:match.start()]))
+        code, bold, italic = match.groups()
+        if code is not None:
+            out.append(f"<code>{html.escape(code)}</code>")
+        elif bold is not None:
+            out.append(f"<strong>{html.escape(bold)}</strong>")
+        else:
+            out.append(f"<em>{html.escape(italic)}</em>")
+        last = match.end()
+    out.append(html.escape(text[last:]))
+    return "".join(out)
 
 
 def _paragraphs(text: str) -> list[list[str]]:
@@ -262,6 +306,7 @@ _CSS = (
     "figure{margin:1em 0}"
     "img{max-width:100%;height:auto;border:1px solid #eee}"
     "figcaption{color:#666;font-style:italic;font-size:.9em}"
+    "code{background:#f4f4f4;padding:0 .25em;border-radius:3px;font-size:.92em}"
 )
 
 

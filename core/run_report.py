@@ -178,4 +178,4 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
                              ("fidelity", "Fidelity"), ("efficiency", "Efficiency")):
         if metrics.get(section):
             doc.add_table(heading, {k: _flat(v) for k, v in metrics[section].items()})
-    return doc.write(run_dir)
+    return doc.write(run_dir, embed_images=(recipe.get("evaluation") or {}).get("report_figures", "embed") != "link")

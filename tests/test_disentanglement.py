@@ -228,6 +228,32 @@ def test_relation_error_bootstrap_resamples_scored_rows():
     assert big["mae"] < 0.05
 
 
+def test_error_intervals_contain_the_error_they_belong_to():
+    """Resampled S is noisier than S, so the replicates' errors sit above the point estimate; the
+    bias-corrected intervals still contain it (the uncorrected percentiles here do not)."""
+    from gem.somers_d import somers_d_matrix
+
+    true = somers_d_matrix(_scores(20000, 0))
+    for seed in range(5):
+        scores = _scores(1500, 10 + seed)
+        result = relation_error_bootstrap(scores, true, somers_d_matrix, n_boot=200, seed=seed)
+        low, high = result["mae_ci"]
+        assert low <= result["mae"] <= high
+        inside = (result["edge_error_ci_low"] <= result["edge_error"] + 1e-12) & \
+                 (result["edge_error"] <= result["edge_error_ci_high"] + 1e-12)
+        assert inside.mean() >= 0.9
+    # Six independent attributes: the true impact is 0 off the diagonal, S holds only noise, and
+    # the replicates' noise adds to it, so the uncorrected percentile interval misses the error.
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, (1500, 6))
+    true = np.eye(6)
+    result = relation_error_bootstrap(scores, true, somers_d_matrix, n_boot=200, seed=0)
+    maes = [relation_error(somers_d_matrix(scores[rng.integers(0, len(scores), len(scores))]), true)["mae"]
+            for _ in range(200)]
+    assert np.percentile(maes, 2.5) > result["mae"]
+    assert result["mae_ci"][0] <= result["mae"] <= result["mae_ci"][1]
+
+
 def test_relation_error_bootstrap_with_any_impact_function():
     scores = _scores(200, 3).astype(float)
     corr = lambda s: np.corrcoef(s.T)   # noqa: E731

@@ -196,7 +196,7 @@ def test_report_writes_markdown_and_html(tmp_path):
     ])
     rep.add_image("Impact", heat, caption="oracle impact")
     rep.add_image("Traversals", trav)
-    md_path, html_path = rep.write(run)
+    md_path, html_path = rep.write(run, embed_images=False)  # linked: the paths are checked below
 
     assert (md_path, html_path) == (run / "report.md", run / "report.html")
     md = md_path.read_text(encoding="utf-8")
@@ -253,7 +253,7 @@ def test_report_image_paths_relative_in_both_forms(tmp_path, monkeypatch):
     rep.add_image("given relative to the run dir", Path("figs/a.png"))
     monkeypatch.chdir(tmp_path)
     rep.add_image("given relative to the cwd", "run/figs/a.png")
-    _, html_path = rep.write(run)
+    _, html_path = rep.write(run, embed_images=False)
     assert re.findall(r'<img src="([^"]+)"', html_path.read_text()) == ["figs/a.png"] * 2
 
 
@@ -369,3 +369,41 @@ def test_atomic_save_figure_formats(tmp_path):
         atomic_save_figure(fig, tmp_path / "f.notaformat")
     _no_temp_files(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "f.svg"]
+
+
+def test_report_html_holds_its_figures_unless_asked_to_link(tmp_path):
+    import base64
+
+    figure = tmp_path / "figures" / "f.png"
+    figure.parent.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(figure)
+    doc = Report("r")
+    doc.add_image("A figure", figure, "caption")
+    _, page = doc.write(tmp_path)
+    text = page.read_text()
+    source = re.search(r'<img src="data:image/png;base64,([^"]+)"', text)
+    assert source and base64.b64decode(source.group(1)) == figure.read_bytes()
+    assert 'src="figures/f.png"' not in text
+    moved = tmp_path / "elsewhere.html"  # the page alone still shows the figure
+    os.replace(page, moved)
+    assert "data:image/png;base64," in moved.read_text()
+    _, page = doc.write(tmp_path, embed_images=False)
+    assert '<img src="figures/f.png"' in page.read_text()
+
+
+def test_report_html_renders_inline_markdown_and_escapes_the_rest(tmp_path):
+    doc = Report("r")
+    doc.add_text("Recipe", "Data set `synthetic` is **offline**; *relation-aware* runs; 5 * 3 < 16 & `a<b`.")
+    doc.add_table("T", [{"name": "`gem_vae`", "value": 1.5}], "see `recipe.yaml`")
+    html_text = doc.to_html(tmp_path)
+    assert "<code>synthetic</code>" in html_text and "<strong>offline</strong>" in html_text
+    assert "<em>relation-aware</em>" in html_text
+    assert "5 * 3 &lt; 16 &amp; <code>a&lt;b</code>" in html_text
+    assert "<td><code>gem_vae</code></td>" in html_text and "<caption>see <code>recipe.yaml</code></caption>" in html_text
+    assert "`" not in html_text.split("<body>")[1]
+
+
+def test_loss_curves_mark_the_end_of_the_warm_up(tmp_path):
+    history = [{"step": s, "loss": 10.0 - s / 100} for s in range(25, 1001, 25)]
+    path = plot_loss_curves(history, tmp_path / "l.png", "training losses", marks={"latents bound": 300})
+    assert Image.open(path).size[0] > 100
