@@ -45,12 +45,14 @@ def make_accelerator(options: TrainingOptions) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    # Trackers need a logging folder when the accelerator is made; gem.tracking points it at the run.
+    tracking = dict(log_with=list(options.log_with), project_dir=".") if options.log_with else {}
     try:
         return Accelerator(cpu=options.cpu, mixed_precision=options.mixed_precision,
                            gradient_accumulation_steps=options.gradient_accumulation_steps,
-                           dataloader_config=DataLoaderConfiguration(split_batches=True))
+                           dataloader_config=DataLoaderConfiguration(split_batches=True), **tracking)
     except ValueError:
-        return Accelerator()
+        return Accelerator(**tracking)
 
 
 def leave_process_group(accelerator: Any, exit_code: int = 0) -> None:

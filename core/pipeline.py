@@ -31,9 +31,11 @@ from gem.scoring import score_summary, score_with_cache
 from gem.training import CheckpointError, Interrupted, Trainer, encode_images, load_checkpoint
 from gem.progress import logger
 from gem.somers_d import most_asymmetric_pair
+from gem.tracking import Tracking, check_tracker_packages
 
 #: Recipe keys a resumed run may change: they do not change what the run computes.
-RESUME_MAY_CHANGE = ("training.steps", "training.checkpoint_every", "training.num_workers", "training.threads")
+RESUME_MAY_CHANGE = ("training.steps", "training.checkpoint_every", "training.num_workers", "training.threads",
+                     "training.log_with")
 
 
 @dataclass
@@ -162,6 +164,7 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path, accelerator: A
     when ``evaluation.full_metrics`` is off) at the sizes of ``eval_settings``.
     """
     started = time.perf_counter()
+    check_tracker_packages(recipe.training.log_with)  # before anything is scored or trained
     ctx = RunContext.open(recipe, registry, run_dir, accelerator)
     pm, topts, acc = registry.pm, recipe.training, ctx.accelerator
     set_seed(recipe.seed)
@@ -237,6 +240,14 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path, accelerator: A
             logger.info(f"gem: resuming from the checkpoint at step {trainer.step} of {topts.steps}")
     elif resume and main:
         logger.warning(f"gem: no checkpoint in {checkpoint_dir}; training from step 0 with the saved scores")
+    tracking = Tracking(acc, topts.log_with, run_dir, recipe.name, recipe.to_dict())
+    if tracking.active:
+        def on_log(record: dict[str, float]) -> None:
+            tracking.log_losses(record)
+            tracking.log_graph(trainer.relation.adjacency().detach().float().cpu().numpy(), dataset.attributes,
+                               int(record["step"]))
+
+        trainer.on_log = on_log
     trainer.extra = {"scores": torch.from_numpy(np.asarray(scores, dtype=np.float64)),
                      "scored_idx": torch.from_numpy(np.asarray(split.scored, dtype=np.int64)),
                      "oracle_counters": {k: v for k, v in oracle_counters.items() if isinstance(v, (int, float))}}
@@ -264,6 +275,9 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path, accelerator: A
     facts = _run_facts(ctx, dataset, split, scores, oracle_counters, trainer, train_seconds)
     try:
         result = _finish(ctx, dataset, split, scores, ranking, trainer, facts, started, eval_metrics, eval_settings)
+        tracking.log_metrics(result.metrics, trainer.step, sections=("disentanglement", "reconstruction", "relations",
+                                                                     "oracle_quality", "fidelity"))
+        tracking.close()
     except KeyboardInterrupt as exc:
         raise Interrupted(f"stopped after training (the final checkpoint is saved); "
                           f"continue with: gem-run --resume {run_dir}") from exc

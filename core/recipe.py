@@ -79,8 +79,16 @@ class TrainingOptions:
     """Update the models every k batches (effective batch k x batch_size); ``steps`` counts batches."""
     threads: int = 0
     """torch intra-op threads on the CPU; 0 chooses them from the free cores (:func:`gem.context.auto_threads`)."""
+    log_with: list[str] = field(default_factory=list)
+    """accelerate trackers that log losses, the graph and the evaluation live: tensorboard, wandb, mlflow,
+    comet_ml, aim, clearml, dvclive."""
 
     def __post_init__(self) -> None:
+        from gem.tracking import TRACKER_PACKAGES
+
+        unknown = [name for name in self.log_with if name not in TRACKER_PACKAGES]
+        if unknown:
+            raise ValueError(f"log_with: unknown tracker {unknown[0]!r}; allowed: {', '.join(TRACKER_PACKAGES)}")
         check_ranges(self, positive=("steps", "batch_size", "log_every", "graph_lr", "gradient_accumulation_steps"),
                      non_negative=("warmup_steps", "checkpoint_every", "num_workers", "threads"))
 

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -261,6 +261,8 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         #: Saved with every checkpoint (the pipeline puts the scores here).
         self.extra: dict[str, Any] = {}
+        #: Called with each record appended to :attr:`history` (live tracking).
+        self.on_log: Optional[Callable[[dict[str, float]], None]] = None
         self.last_checkpoint_step: Optional[int] = None
         self._sums: dict[str, float] = {}
         self._count = 0
@@ -316,6 +318,8 @@ class Trainer:
                     record = {"step": self.step, **self._mean_over_processes(
                         {k: v / self._count for k, v in self._sums.items()})}
                     self.history.append(record)
+                    if self.on_log is not None:
+                        self.on_log(record)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "recon", "kl")})
                     self._sums, self._count = {}, 0
                 if opts.checkpoint_every and self.checkpoint_dir and self.step % opts.checkpoint_every == 0:
