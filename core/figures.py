@@ -548,7 +548,7 @@ def plot_relation_error(edges: dict[str, Any], path: Path) -> Path:
     ax = fig.add_subplot()
     x = np.arange(len(pairs))
     yerr = np.vstack([np.clip(err - low, 0, None), np.clip(high - err, 0, None)])
-    ax.bar(x, err, color="#9ecae1", label=f"oracle S (bootstrap {100 * (1 - edges['alpha']):.0f}% CI)")
+    ax.bar(x, err, color="#9ecae1", label=f"oracle S (bias-corrected bootstrap {100 * (1 - edges['alpha']):.0f}% CI)")
     ax.errorbar(x, err, yerr=yerr, fmt="none", ecolor="#08519c", capsize=2, linewidth=1)
     ax.plot(x, learned, "o", color="#d62728", markersize=4, label="learned A")
     ax.set_xticks(x, [f"{attrs[i]}→{attrs[j]}" for i, j in pairs], rotation=70, ha="right", fontsize=7)
@@ -570,7 +570,7 @@ def _percent(value: float) -> str:
 def plot_oracle_quality(quality: dict[str, Any], path: Path, title: str) -> Path:
     """Bar chart of an :func:`gem.metrics.oracle_quality` result.
 
-    Left: accuracy and missing rate of each attribute (binary attributes are marked ``(0/1)``);
+    Left: accuracy and missing rate of each attribute (two-level attributes, absent or present, are marked ``(2 levels)``);
     a dashed mark shows the accuracy of a uniformly random answer (1/6, or 1/2 for 0/1 labels).
     Right: the overall rates -- mean accuracy, missing answers, images whose every answer is 0
     (the paper's "meaningless" answers) and images without any answer. An attribute without
@@ -589,7 +589,7 @@ def plot_oracle_quality(quality: dict[str, Any], path: Path, title: str) -> Path
     """
     names = list(quality["accuracy"])
     binary = quality.get("binary", {})
-    labels = [f"{a}\n(0/1)" if binary.get(a) else a for a in names]
+    labels = [f"{a}\n(2 levels)" if binary.get(a) else a for a in names]
     accuracy = [quality["accuracy"][a] for a in names]
     missing = [quality["missing_rate"][a] for a in names]
     overall_names = ["mean\naccuracy", "missing\nanswers", "all-zero\nimages", "no-answer\nimages"]

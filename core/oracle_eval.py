@@ -183,7 +183,7 @@ def _write_report(out_dir: Path, result: dict[str, Any]) -> None:
 def format_oracle_table(result: dict[str, Any]) -> str:
     """A plain-text table of an evaluation for the terminal: one line per attribute, then totals."""
     rows: list[list[Any]] = [[a, result["accuracy"][a], result["missing_rate"][a],
-                              "0/1" if result.get("binary", {}).get(a) else "0-5"] for a in result["accuracy"]]
+                              "2 levels (0 or 5)" if result.get("binary", {}).get(a) else "0-5"] for a in result["accuracy"]]
     rows.append(["mean", result["accuracy_mean"], result["missing_rate_overall"], ""])
     lines = [f"oracle {result.get('oracle', '?')!r} vs labels of {result.get('dataset', '?')!r} "
              f"on {result['n_images']} images",
