@@ -183,7 +183,7 @@ def _evaluation_pool(ds: ImageDataset, size: int, seed: int) -> tuple[ImageDatas
 
 
 def _score_code(codes: np.ndarray, factors: np.ndarray, chosen: list[str], s: EvalSettings,
-                timing: dict[str, float], label: str, bar: Any) -> dict[str, Any]:
+                timing: dict[str, float], label: str, bar: Any = None) -> dict[str, Any]:
     """Every chosen metric of one code, DCI on its own split when the settings give one."""
     separate_dci = "dci" in chosen and (s.dci_n_train is not None or s.dci_n_test is not None)
     dci_split = (s.dci_n_train if s.dci_n_train is not None else s.n_train,
@@ -204,6 +204,8 @@ def _score_code(codes: np.ndarray, factors: np.ndarray, chosen: list[str], s: Ev
 
 
 def _advance(bar: Any, done: str) -> None:
+    if bar is None:
+        return
     bar.set_postfix(done=done, refresh=False)
     bar.update(1)
 

@@ -34,7 +34,7 @@ def setup_logging(verbosity: int = 0, stream: Optional[TextIO] = None) -> None:
     global _quiet
     _quiet = verbosity < 0
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StandardError()
     handler.setFormatter(logging.Formatter("%(message)s" if verbosity < 1 else "%(asctime)s %(name)s: %(message)s",
                                            datefmt="%H:%M:%S"))
     for old in [h for h in logger.handlers if getattr(h, "_gem", False)]:
@@ -43,6 +43,22 @@ def setup_logging(verbosity: int = 0, stream: Optional[TextIO] = None) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+
+
+class _StandardError(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a message is logged (a test's
+    capture, or a redirect that has replaced the one in place when logging was set up)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
 
 
 def showing_progress() -> bool:

@@ -19,7 +19,11 @@ def registry():
 
 TINY_RECIPE = {
     "name": "tiny",
-    "dataset": {"plugin": "synthetic", "n_images": 400, "image_size": 32},
+    # Six factors (the default's without the window): the fakes and hand counts below assume six.
+    "dataset": {"plugin": "synthetic", "n_images": 400, "image_size": 32,
+                "factors": ["floor_hue", "wall_hue", "object_hue", "scale", "position", "shape"],
+                "correlations": [["object_hue", "scale", 0.7], ["floor_hue", "wall_hue", 0.6],
+                                 ["shape", "position", -0.5]]},
     "extractor": {"plugin": "gem_vae", "image_size": 32, "channels": 8, "hidden": 32, "lr": 1e-3, "disc_lr": 1e-3},
     "ranker": {"plugin": "somersd", "bootstrap": 20},
     "training": {"steps": 12, "warmup_steps": 4, "batch_size": 8, "log_every": 4, "cpu": True},

@@ -122,9 +122,13 @@ def test_metrics_and_report(tiny_run):
     history = json.loads((tiny_run / "history.json").read_text())
     assert history[-1]["step"] == 16 and "recon" in history[-1] and "adv_d" in history[-1]
     html = (tiny_run / "report.html").read_text()
+    markdown = (tiny_run / "report.md").read_text()
     for needle in ("traversal_relation_aware.png", "traversal_independent.png", "impact_heatmap.png",
-                   "loss_curves.png", "Relation recovery", "PSNR"):
-        assert needle in html
+                   "loss_curves.png"):
+        assert needle in markdown
+    for needle in ("Relation recovery", "PSNR"):
+        assert needle in html and needle in markdown
+    assert html.count('<img src="data:image/png;base64,') >= 6  # report.html holds its figures
 
 
 def test_scores_csv_matches_dataset_labels(tiny_run):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from fake_openai import FakeOpenAI
+from conftest import TINY_RECIPE
 
 from gem.oracle_eval import evaluate_oracle, format_oracle_table, oracle_main
 from gem.recipe import validate_recipe
@@ -28,7 +29,8 @@ def one_thread():
 
 def recipe_data(tmp_path, n_images=N, **oracle):
     return {"name": "oracle-test", "cache_dir": str(tmp_path / "cache"), "out": str(tmp_path / "runs"),
-            "dataset": {"plugin": "synthetic", "n_images": n_images, "image_size": 32},
+            "dataset": {"plugin": "synthetic", "n_images": n_images, "image_size": 32, "factors": ATTRS,
+                        "correlations": TINY_RECIPE["dataset"]["correlations"]},
             "oracle": {"plugin": "labels", **oracle},
             "training": {"cpu": True, "threads": 1},
             "scoring": {"n_images": n_images, "batch_size": 100}}
@@ -64,7 +66,8 @@ def test_perfect_oracle_is_right_on_every_attribute_and_writes_everything(tmp_pa
     assert saved["accuracy"] == result["accuracy"] and saved["counters"] == result["counters"]
     assert saved["cache_key"] == "labels/error=0.0/missing=0.0/seed=0"
     html = (out / "report.html").read_text()
-    assert "oracle_accuracy.png" in html and "floor_hue" in html
+    assert "data:image/png;base64," in html and "floor_hue" in html  # the figure is in the page
+    assert "oracle_accuracy.png" in (out / "report.md").read_text()
     with open(out / "oracle_scores.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["image", *ATTRS, *(f"{a} (label)" for a in ATTRS)] and len(rows) == N + 1
