@@ -215,7 +215,8 @@ class Report:
             else:
                 rel = quote(self._relative(payload, run_dir))
                 alt = caption or heading
-                source = _data_uri(run_dir / payload if not payload.is_absolute() else payload) if embed_images else None
+                source = _data_uri(payload if payload.is_absolute() or payload.exists() else run_dir / payload) \
+                    if embed_images else None
                 parts.append("<figure>")
                 if source is None:
                     parts.append(f'<a href="{esc(rel)}"><img src="{esc(rel)}" alt="{esc(alt)}"></a>')

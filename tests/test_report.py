@@ -371,7 +371,7 @@ def test_atomic_save_figure_formats(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "f.svg"]
 
 
-def test_report_html_holds_its_figures_unless_asked_to_link(tmp_path):
+def test_report_html_holds_its_figures_unless_asked_to_link(tmp_path, monkeypatch):
     import base64
 
     figure = tmp_path / "figures" / "f.png"
@@ -381,6 +381,12 @@ def test_report_html_holds_its_figures_unless_asked_to_link(tmp_path):
     doc.add_image("A figure", figure, "caption")
     _, page = doc.write(tmp_path)
     text = page.read_text()
+    # A run folder given relative to the working directory, as gem-run's default runs/<name>-<time>.
+    monkeypatch.chdir(tmp_path.parent)
+    relative = Path(tmp_path.name)
+    relative_doc = Report("r")
+    relative_doc.add_image("A figure", relative / "figures" / "f.png")
+    assert "data:image/png;base64," in relative_doc.to_html(relative)
     source = re.search(r'<img src="data:image/png;base64,([^"]+)"', text)
     assert source and base64.b64decode(source.group(1)) == figure.read_bytes()
     assert 'src="figures/f.png"' not in text
