@@ -207,6 +207,61 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Packages whose versions ``gem env`` reports (import name, distribution name).
+ENV_PACKAGES = [("torch", "torch"), ("torch_geometric", "torch-geometric"), ("accelerate", "accelerate"),
+                ("transformers", "transformers"), ("pluggy", "pluggy"), ("numpy", "numpy"), ("scipy", "scipy"),
+                ("sklearn", "scikit-learn"), ("yaml", "PyYAML"), ("tensorboard", "tensorboard")]
+
+
+def environment() -> dict:
+    """What a bug report needs: versions, devices, threads, plugins, recipes and cache folders."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    from gem.context import auto_threads
+    from gem.recipe import Recipe, shipped_recipe_folder
+
+    packages = {}
+    for _module, dist in ENV_PACKAGES:
+        try:
+            packages[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            packages[dist] = None
+    cuda = torch.cuda.is_available()
+    threads, why = auto_threads()
+    registry = Registry(make_plugin_manager())
+    return {
+        "gem": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+        "packages": packages,
+        "devices": {"cuda": cuda, "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                    if cuda else [], "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())},
+        "threads": {"torch": torch.get_num_threads(), "gem default": f"{threads} ({why})",
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+        "plugins": {stage: registry.names(stage) for stage in STAGES},
+        "recipes": str(shipped_recipe_folder()),
+        "cache_dir": str(Path(Recipe().cache_dir).resolve()),
+    }
+
+
+def _env(args: argparse.Namespace) -> int:
+    info = environment()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for name, item in value.items():
+                shown = ", ".join(map(str, item)) if isinstance(item, list) else ("-" if item is None else item)
+                print(f"  {name:<16} {shown}")
+        else:
+            print(f"{key:<18} {value}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="gem", description="gem: relation-aware disentanglement with plugins")
     parser.add_argument("--version", action="version", version=f"gem {__version__}")
@@ -216,6 +271,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_plugins.add_argument("--debug", action="store_true")
     p_recipes = sub.add_parser("recipes", help="list the recipes gem ships (run one by name: gem-run NAME)")
     p_recipes.add_argument("--debug", action="store_true")
+    p_env = sub.add_parser("env", help="versions, devices, threads, plugins and folders, for bug reports")
+    p_env.add_argument("--json", action="store_true", help="machine-readable output")
+    p_env.add_argument("--debug", action="store_true")
     sub.add_parser("run", help="run a recipe (same as gem-run)", add_help=False)
     sub.add_parser("eval", help="evaluate a finished run folder (metrics, figures, report)", add_help=False)
     sub.add_parser("oracle-eval", help="score images with the recipe's oracle and compare with the data set's labels",
@@ -238,7 +296,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return oracle_main(argv[1:])
     args = parser.parse_args(argv)
-    return guard(lambda: (_recipes if args.command == "recipes" else _plugins)(args), args.debug, "gem")
+    action = {"recipes": _recipes, "plugins": _plugins, "env": _env}[args.command]
+    return guard(lambda: action(args), args.debug, "gem")
 
 
 if __name__ == "__main__":  # pragma: no cover

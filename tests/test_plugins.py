@@ -136,3 +136,21 @@ def test_listing_plugins_and_rejecting_a_typo_import_no_heavy_libraries():
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
     assert "unknown recipe key 'extractor.betta'" in out.stderr
+
+
+def test_gem_env_reports_versions_devices_threads_plugins_and_folders(capsys, monkeypatch):
+    import json
+
+    from gem.cli import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-never-shown")
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["packages"]["torch"] and info["packages"]["pluggy"]
+    assert set(info["devices"]) == {"cuda", "gpus", "mps"}
+    assert info["threads"]["torch"] >= 1 and "core(s)" in info["threads"]["gem default"]
+    assert "gcn" in info["plugins"]["graph"] and "synthetic" in info["plugins"]["dataset"]
+    assert info["cache_dir"].endswith("gem") and info["recipes"]
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    assert "torch" in text and "plugins:" in text and "sk-secret" not in text
