@@ -510,10 +510,11 @@ def _merge(metrics: dict[str, Any], section: str, values: dict[str, Any]) -> Non
     metrics[section] = merged
 
 
-def record(run_dir: Union[str, Path], result: dict[str, Any], write_report: bool = True) -> dict[str, Any]:
+def record(run_dir: Union[str, Path], result: dict[str, Any], write_report: bool = True,
+           extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Merge an :func:`evaluate` result into ``run_dir/metrics.json`` (other sections and keys are
-    kept, recomputed ones replaced; settings, timings and notes go under ``eval``), draw its
-    figures and rebuild the report. Returns the merged metrics."""
+    kept, recomputed ones replaced; settings, timings and notes go under ``eval``; ``extra`` keys
+    are set as given), draw its figures and rebuild the report. Returns the merged metrics."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.json"
     stored = json.loads(path.read_text()) if path.is_file() else {}
@@ -521,6 +522,7 @@ def record(run_dir: Union[str, Path], result: dict[str, Any], write_report: bool
         if section in result:
             _merge(stored, section, result[section])
     stored["eval"] = {"settings": result["settings"], "seconds": result["seconds"], "notes": result["notes"]}
+    stored.update(extra or {})
     write_json(path, stored)
     folder = run_dir / "figures"
     folder.mkdir(exist_ok=True)

@@ -344,13 +344,12 @@ def _finish(ctx: RunContext, dataset: ImageDataset, split: Split, scores: np.nda
                      score_indices=split.scored, scores=scores, impact=impact)
     logger.info("figures: traversals, relation heatmaps, loss curves, score histograms")
     _draw_run_figures(run, ranking, trainer.history)
-    write_json(run_dir / "metrics.json", facts)
+    write_json(run_dir / "metrics.json", facts)  # kept if the evaluation fails; gem eval merges into it
     if eval_metrics is None and not recipe.evaluation.full_metrics:
         eval_metrics = QUICK_METRICS
     result = evaluation.evaluate(run, eval_metrics, eval_settings)
-    metrics = evaluation.record(run_dir, result, write_report=False)
-    metrics["run_seconds"] = time.perf_counter() - started
-    write_json(run_dir / "metrics.json", metrics)
+    metrics = evaluation.record(run_dir, result, write_report=False,
+                                extra={"run_seconds": time.perf_counter() - started})
     write_run_report(run_dir)
     summary = {**run_summary(metrics), "run folder": str(run_dir)}
     pm.hook.gem_on_stage_end(stage="report", outputs={"metrics": metrics, "run_dir": run_dir})
