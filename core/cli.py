@@ -207,10 +207,9 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Packages whose versions ``gem env`` reports (import name, distribution name).
-ENV_PACKAGES = [("torch", "torch"), ("torch_geometric", "torch-geometric"), ("accelerate", "accelerate"),
-                ("transformers", "transformers"), ("pluggy", "pluggy"), ("numpy", "numpy"), ("scipy", "scipy"),
-                ("sklearn", "scikit-learn"), ("yaml", "PyYAML"), ("tensorboard", "tensorboard")]
+#: Distributions whose versions ``gem env`` reports.
+ENV_PACKAGES = ["torch", "torch-geometric", "accelerate", "transformers", "pluggy", "numpy", "scipy", "scikit-learn",
+                "PyYAML", "tensorboard"]
 
 
 def environment() -> dict:
@@ -224,7 +223,7 @@ def environment() -> dict:
     from gem.recipe import Recipe, shipped_recipe_folder
 
     packages = {}
-    for _module, dist in ENV_PACKAGES:
+    for dist in ENV_PACKAGES:
         try:
             packages[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

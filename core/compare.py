@@ -452,22 +452,29 @@ def parse_sweep(spec: str) -> tuple[str, list[str]]:
     return key.strip(), items
 
 
+def plan_sweep(base: dict, key: str, values: Sequence[str], methods: Sequence[str], seeds: Sequence[int], out: Path,
+               variants: dict[str, Variant]) -> dict[str, tuple[dict, list[tuple[RunRecord, dict]]]]:
+    """Every swept value's base recipe and validated run plan (:func:`plan_runs`), before anything
+    trains; an invalid value's error names it."""
+    registry = Registry(make_plugin_manager())
+    planned = {}
+    for value in values:
+        data = apply_overrides(base, [f"{key}={value}"])
+        try:
+            planned[value] = (data, plan_runs(data, methods, seeds, out / f"{key}={value}", variants, registry))
+        except RecipeError as exc:
+            raise RecipeError(f"--sweep {key}={value}: {exc}") from None
+    return planned
+
+
 def sweep(base: dict, key: str, values: Sequence[str], methods: Sequence[str], seeds: Sequence[int], out: Path,
           **options: Any) -> dict[str, list[RunRecord]]:
     """:func:`compare` once per value of one recipe key, each into ``out/<key>=<value>`` (so finished
     runs are reused value by value), then ``sweep.md``, ``sweep.csv`` and ``figures/sweep.png``:
     every column of :data:`SWEEP_COLUMNS` against the value, one line per method, ± std over seeds."""
-    registry = Registry(make_plugin_manager())
-    bases = {}
-    for value in values:  # every value must make valid recipes before anything trains
-        data = apply_overrides(base, [f"{key}={value}"])
-        try:
-            plan_runs(data, methods, seeds, out / f"{key}={value}", options.get("variants") or VARIANTS, registry)
-        except RecipeError as exc:
-            raise RecipeError(f"--sweep {key}={value}: {exc}") from None
-        bases[value] = data
+    planned = plan_sweep(base, key, values, methods, seeds, out, options.get("variants") or VARIANTS)
     records = {value: compare(data, methods, seeds, out / f"{key}={value}", **options)
-               for value, data in bases.items()}
+               for value, (data, _) in planned.items()}
     rows = {value: summarise(recs, methods) for value, recs in records.items()}
     header = ["method", key, *(label for label, *_ in SWEEP_COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -495,16 +502,12 @@ def print_plan(base: dict, methods: Sequence[str], seeds: Sequence[int], out: Pa
                swept: Optional[tuple[str, list[str]]] = None, log: Callable[[str], None] = print) -> int:
     """Validate every run of a comparison (or of each swept value) and print one line per run;
     returns the number of runs. Nothing is written."""
-    registry = Registry(make_plugin_manager())
-    bases = [(f"{swept[0]}={value}", apply_overrides(base, [f"{swept[0]}={value}"])) for value in swept[1]] \
-        if swept else [("", base)]
+    if swept:
+        plans = [plan for _, plan in plan_sweep(base, *swept, methods, seeds, out, variants).values()]
+    else:
+        plans = [plan_runs(base, methods, seeds, out, variants, Registry(make_plugin_manager()))]
     count = 0
-    for label, data in bases:
-        folder = out / label if label else out
-        try:
-            plan = plan_runs(data, methods, seeds, folder, variants, registry)
-        except RecipeError as exc:
-            raise RecipeError(f"--sweep {label}: {exc}" if label else str(exc)) from None
+    for plan in plans:
         for record, recipe in plan:
             stages = ", ".join(f"{stage} {(recipe.get(stage) or {}).get('plugin')}" for stage in ("extractor", "graph"))
             steps = (recipe.get("training") or {}).get("steps")

@@ -251,36 +251,38 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path, accelerator: A
     trainer.extra = {"scores": torch.from_numpy(np.asarray(scores, dtype=np.float64)),
                      "scored_idx": torch.from_numpy(np.asarray(split.scored, dtype=np.int64)),
                      "oracle_counters": {k: v for k, v in oracle_counters.items() if isinstance(v, (int, float))}}
-    train_started = time.perf_counter()
-    logger.info(f"training: {recipe.plugin_name('extractor')!r} for {topts.steps:,} steps, the first "
-                f"{min(topts.warmup_steps, topts.steps):,} with independent latents, then with the "
-                f"{recipe.plugin_name('graph')!r} relation graph")
-    if not trainer.relation.is_bound:
-        trainer.fit(min(topts.warmup_steps, topts.steps), desc="warm-up")
-        means = encode_images(trainer.extractor, dataset.images, split.scored, acc.device)
-        binding = bind_latents(means, scores)
-        if acc.num_processes > 1:  # every process binds as the main one did
-            from accelerate.utils import broadcast_object_list
+    try:  # the trackers are flushed and closed however the run ends
+        train_started = time.perf_counter()
+        logger.info(f"training: {recipe.plugin_name('extractor')!r} for {topts.steps:,} steps, the first "
+                    f"{min(topts.warmup_steps, topts.steps):,} with independent latents, then with the "
+                    f"{recipe.plugin_name('graph')!r} relation graph")
+        if not trainer.relation.is_bound:
+            trainer.fit(min(topts.warmup_steps, topts.steps), desc="warm-up")
+            means = encode_images(trainer.extractor, dataset.images, split.scored, acc.device)
+            binding = bind_latents(means, scores)
+            if acc.num_processes > 1:  # every process binds as the main one did
+                from accelerate.utils import broadcast_object_list
 
-            binding.latent_of, binding.sign = broadcast_object_list([binding.latent_of, binding.sign])
-        trainer.relation.bind(binding.latent_of, binding.sign)
-        logger.info("training: latents bound to attributes: " + ", ".join(
-            f"{name} <- z{binding.latent_of[i]}{'' if binding.sign[i] > 0 else ' (sign flipped)'}"
-            for i, name in enumerate(dataset.attributes)))
-        if topts.checkpoint_every:
-            trainer.save(checkpoint_dir)  # the binding is part of every later checkpoint
-    trainer.fit(topts.steps, desc="train")
-    train_seconds = time.perf_counter() - train_started
-    trainer.save(checkpoint_dir)
-    facts = _run_facts(ctx, dataset, split, scores, oracle_counters, trainer, train_seconds)
-    try:
-        result = _finish(ctx, dataset, split, scores, ranking, trainer, facts, started, eval_metrics, eval_settings)
-        tracking.log_metrics(result.metrics, trainer.step, sections=("disentanglement", "reconstruction", "relations",
-                                                                     "oracle_quality", "fidelity"))
+                binding.latent_of, binding.sign = broadcast_object_list([binding.latent_of, binding.sign])
+            trainer.relation.bind(binding.latent_of, binding.sign)
+            logger.info("training: latents bound to attributes: " + ", ".join(
+                f"{name} <- z{binding.latent_of[i]}{'' if binding.sign[i] > 0 else ' (sign flipped)'}"
+                for i, name in enumerate(dataset.attributes)))
+            if topts.checkpoint_every:
+                trainer.save(checkpoint_dir)  # the binding is part of every later checkpoint
+        trainer.fit(topts.steps, desc="train")
+        train_seconds = time.perf_counter() - train_started
+        trainer.save(checkpoint_dir)
+        facts = _run_facts(ctx, dataset, split, scores, oracle_counters, trainer, train_seconds)
+        try:
+            result = _finish(ctx, dataset, split, scores, ranking, trainer, facts, started, eval_metrics, eval_settings)
+            tracking.log_metrics(result.metrics, trainer.step, sections=(
+                "disentanglement", "reconstruction", "relations", "oracle_quality", "fidelity"))
+        except KeyboardInterrupt as exc:
+            raise Interrupted(f"stopped after training (the final checkpoint is saved); "
+                              f"continue with: gem-run --resume {run_dir}") from exc
+    finally:
         tracking.close()
-    except KeyboardInterrupt as exc:
-        raise Interrupted(f"stopped after training (the final checkpoint is saved); "
-                          f"continue with: gem-run --resume {run_dir}") from exc
     if accelerator is None and acc.num_processes > 1:
         acc.end_training()  # without it one process may abort on exit
     return result

@@ -33,27 +33,28 @@ def default_logging():
     setup_logging(0)
 
 
-def test_a_slow_stage_prints_a_line_every_ten_percent_and_one_at_the_end(clock):
+def _stage_lines(clock, total, desc, unit, updates, each, seconds_per_update, **postfix):
+    """The lines a stage of ``updates`` updates of ``each``, ``seconds_per_update`` apart, prints."""
     out = io.StringIO()
-    with LineProgress(100, "train", unit="step", stream=out) as bar:
-        for _ in range(100):
-            clock.now += 1.0
-            bar.update(1)
-            bar.set_postfix(loss=1.5)
-    lines = out.getvalue().splitlines()
+    with LineProgress(total, desc, unit=unit, stream=out) as bar:
+        for _ in range(updates):
+            clock.now += seconds_per_update
+            bar.update(each)
+            if postfix:
+                bar.set_postfix(**postfix)
+    assert "\r" not in out.getvalue()
+    return out.getvalue().splitlines()
+
+
+def test_a_slow_stage_prints_a_line_every_ten_percent_and_one_at_the_end(clock):
+    lines = _stage_lines(clock, 100, "train", "step", 100, 1, 1.0, loss=1.5)
     assert len(lines) == 10  # 10 %, ..., 90 % and the closing 100 %
     assert lines[0] == "train: 10% (10/100 step), 10 s, about 1 min 30 s left, loss=1.5"
     assert lines[-1] == "train: 100% (100/100 step), 1 min 40 s, loss=1.5"
-    assert "\r" not in out.getvalue()
 
 
 def test_a_fast_stage_prints_only_its_last_line(clock):
-    out = io.StringIO()
-    with LineProgress(1000, "score", unit="img", stream=out) as bar:
-        for _ in range(10):
-            clock.now += 0.01
-            bar.update(100)
-    assert out.getvalue().splitlines() == ["score: 100% (1000/1000 img), 0 s"]
+    assert _stage_lines(clock, 1000, "score", "img", 10, 100, 0.01) == ["score: 100% (1000/1000 img), 0 s"]
 
 
 def test_a_long_wait_between_updates_still_reports_every_thirty_seconds(clock):
