@@ -256,21 +256,24 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path, accelerator: A
         logger.info(f"training: {recipe.plugin_name('extractor')!r} for {topts.steps:,} steps, the first "
                     f"{min(topts.warmup_steps, topts.steps):,} with independent latents, then with the "
                     f"{recipe.plugin_name('graph')!r} relation graph")
-        if not trainer.relation.is_bound:
-            trainer.fit(min(topts.warmup_steps, topts.steps), desc="warm-up")
-            means = encode_images(trainer.extractor, dataset.images, split.scored, acc.device)
-            binding = bind_latents(means, scores)
-            if acc.num_processes > 1:  # every process binds as the main one did
-                from accelerate.utils import broadcast_object_list
+        with trainer.ctrl_c_stops_cleanly():  # also while binding, between the two fits
+            if not trainer.relation.is_bound:
+                trainer.fit(min(topts.warmup_steps, topts.steps), desc="warm-up")
+                means = encode_images(trainer.extractor, dataset.images, split.scored, acc.device)
+                binding = bind_latents(means, scores)
+                if acc.num_processes > 1:  # every process binds as the main one did
+                    from accelerate.utils import broadcast_object_list
 
-                binding.latent_of, binding.sign = broadcast_object_list([binding.latent_of, binding.sign])
-            trainer.relation.bind(binding.latent_of, binding.sign)
-            logger.info("training: latents bound to attributes: " + ", ".join(
-                f"{name} <- z{binding.latent_of[i]}{'' if binding.sign[i] > 0 else ' (sign flipped)'}"
-                for i, name in enumerate(dataset.attributes)))
-            if topts.checkpoint_every:
-                trainer.save(checkpoint_dir)  # the binding is part of every later checkpoint
-        trainer.fit(topts.steps, desc="train")
+                    binding.latent_of, binding.sign = broadcast_object_list([binding.latent_of, binding.sign])
+                trainer.relation.bind(binding.latent_of, binding.sign)
+                logger.info("training: latents bound to attributes: " + ", ".join(
+                    f"{name} <- z{binding.latent_of[i]}{'' if binding.sign[i] > 0 else ' (sign flipped)'}"
+                    for i, name in enumerate(dataset.attributes)))
+                if topts.checkpoint_every:
+                    trainer.save(checkpoint_dir)  # the binding is part of every later checkpoint
+                if trainer.stop_requested():
+                    trainer.interrupt()
+            trainer.fit(topts.steps, desc="train")
         train_seconds = time.perf_counter() - train_started
         trainer.save(checkpoint_dir)
         facts = _run_facts(ctx, dataset, split, scores, oracle_counters, trainer, train_seconds)

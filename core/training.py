@@ -9,6 +9,7 @@ good one survives a crash mid-write; they are read with ``torch.load(..., weight
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
@@ -351,6 +352,16 @@ class Trainer:
         self.save(self.checkpoint_dir)
         raise Interrupted(f"stopped at step {self.step}; checkpoint saved in {self.checkpoint_dir}; "
                           f"continue with: gem-run --resume {self.checkpoint_dir.parent}")
+
+    @contextlib.contextmanager
+    def ctrl_c_stops_cleanly(self) -> Iterator[None]:
+        """Within the block, a first Ctrl-C only asks to stop (:meth:`stop_requested`), also between
+        :meth:`fit` calls (binding, saving), so the caller can :meth:`interrupt` at a safe point."""
+        previous = self._catch_sigint()
+        try:
+            yield
+        finally:
+            self._restore_sigint(previous)
 
     def _catch_sigint(self) -> Any:
         if threading.current_thread() is not threading.main_thread():

@@ -176,6 +176,29 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert checkpoint_step(run_dir) == int(match.group(1)) < 400
 
 
+def test_ctrl_c_while_binding_latents_also_saves_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    """Between the warm-up and training no step runs; a Ctrl-C there still stops cleanly."""
+    import gem.pipeline
+
+    bind = gem.pipeline.bind_latents
+
+    def bind_then_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return bind(*args, **kwargs)
+
+    monkeypatch.setattr(gem.pipeline, "bind_latents", bind_then_ctrl_c)
+    path = write_recipe(tmp_path, training={"steps": 12, "warmup_steps": 4})
+    run_dir = tmp_path / "run"
+    assert run_main([str(path), "--out", str(run_dir)]) == 130
+    err = capsys.readouterr().err
+    assert f"stopped at step 4; checkpoint saved in {run_dir / 'checkpoint'}; continue with: gem-run --resume {run_dir}" \
+        in err
+    assert checkpoint_step(run_dir) == 4
+    monkeypatch.setattr(gem.pipeline, "bind_latents", bind)
+    assert run_main(["--resume", str(run_dir)]) == 0
+    assert json.loads((run_dir / "history.json").read_text())[-1]["step"] == 12
+
+
 # ---------------------------------------------------------------------------------------------
 # A NaN loss
 
