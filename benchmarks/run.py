@@ -37,7 +37,7 @@ def _benchmarks() -> dict[str, Callable[[bool], Row]]:
     from bench_data import bench_data, bench_loader_step
     from bench_llava import bench_llava
     from bench_memory import bench_memory_celeba, bench_memory_run
-    from bench_oracle import bench_oracle
+    from bench_oracle import bench_oracle, bench_oracle_concurrency, bench_oracle_tail
     from bench_somersd import bench_somersd
     from bench_startup import bench_startup
     from bench_threads import bench_threads
@@ -49,6 +49,8 @@ def _benchmarks() -> dict[str, Callable[[bool], Row]]:
         "data_cache": bench_data,
         "data_loader_step": bench_loader_step,
         "oracle": bench_oracle,
+        "oracle_tail": bench_oracle_tail,
+        "oracle_concurrency": bench_oracle_concurrency,
         "llava": bench_llava,
         "memory_run": bench_memory_run,
         "memory_celeba": bench_memory_celeba,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, NamedTuple, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +76,15 @@ class ImageDataset:
         return len(self.images)
 
 
+class ScoreRequest(NamedTuple):
+    """One image to score: ``key`` comes back with its scores; ``index`` is its place in the data set."""
+
+    key: Hashable
+    image: np.ndarray
+    index: int
+    attributes: tuple[str, ...]
+
+
 class RelationOracle(abc.ABC):
     """Scores attributes of images on the 0-5 scale of the GEM paper (Sec. 3.2)."""
 
@@ -96,6 +105,35 @@ class RelationOracle(abc.ABC):
         -------
         float array (B, n) of scores in 0..5; NaN where the oracle gave no valid score.
         """
+
+    def score_stream(self, requests: Iterable[ScoreRequest], batch_size: int = 32
+                     ) -> Iterator[tuple[Hashable, np.ndarray]]:
+        """Score images as a stream: yield ``(key, scores)`` as each finishes, in any order.
+
+        ``scores`` is a float array over the request's attributes (NaN where missing). Requests
+        are read lazily, so a long scoring never holds every image in memory. This default
+        groups consecutive requests that ask the same attributes into batches of ``batch_size``
+        for :meth:`score` (what local models want); remote oracles override it to keep a steady
+        number of requests in flight with no batch barrier.
+        """
+        batch: list[ScoreRequest] = []
+
+        def flush() -> Iterator[tuple[Hashable, np.ndarray]]:
+            result = np.asarray(self.score(np.stack([r.image for r in batch]), np.array([r.index for r in batch]),
+                                           list(batch[0].attributes)), dtype=float)
+            expected = (len(batch), len(batch[0].attributes))
+            if result.shape != expected:
+                raise ValueError(f"oracle returned scores of shape {result.shape}, expected {expected}")
+            for request, row in zip(batch, result):
+                yield request.key, row
+            batch.clear()
+
+        for request in requests:
+            if batch and (len(batch) >= batch_size or request.attributes != batch[0].attributes):
+                yield from flush()
+            batch.append(request)
+        if batch:
+            yield from flush()
 
     def stats(self) -> dict[str, int]:
         """Counters for the report: requests, retries, failures, tokens ... (empty if none)."""

@@ -27,7 +27,7 @@ from gem.recipe import Recipe, RecipeError, apply_overrides, load_recipe_file, v
 from gem.relations import RelationModel
 from gem.run_folder import TrainedRun, impact_record, read_scores, write_impact, write_scores
 from gem.run_report import run_summary, write_run_report
-from gem.scoring import score_summary, score_with_cache
+from gem.scoring import check_missing, score_summary, score_with_cache
 from gem.training import CheckpointError, Interrupted, Trainer, encode_images, load_checkpoint
 from gem.progress import logger
 from gem.somers_d import most_asymmetric_pair
@@ -209,9 +209,11 @@ def run_recipe(recipe: Recipe, registry: Registry, run_dir: Path, accelerator: A
         except KeyboardInterrupt as exc:
             if isinstance(exc, Interrupted):
                 raise
-            kept = (f"every finished batch of scores is kept in {Path(recipe.cache_dir) / 'oracle_scores.sqlite'}"
+            kept = (f"every score that arrived is kept in {Path(recipe.cache_dir) / 'oracle_scores.sqlite'}"
                     if recipe.scoring.cache else "scoring.cache is off, so the scores are lost")
             raise Interrupted(f"stopped while scoring; {kept}; continue with: gem-run --resume {run_dir}") from None
+        check_missing(scores, list(dataset.attributes), recipe.scoring.max_missing,
+                      Path(recipe.cache_dir) / "oracle_scores.sqlite" if recipe.scoring.cache else None)
     else:
         scores, oracle_counters = saved
         logger.info(f"scores: reusing the run's saved scores of {len(split.scored):,} images")

@@ -101,9 +101,12 @@ class ScoringOptions:
     batch_size: int = 32
     cache: bool = True
     """Reuse scores from ``<cache_dir>/oracle_scores.sqlite``; a re-run makes no new requests."""
+    max_missing: float = 0.1
+    """Largest fraction of missing scores a run trains with; more stops it before training (the
+    scores that did arrive stay cached, so a re-run asks only for the rest)."""
 
     def __post_init__(self) -> None:
-        check_ranges(self, positive=("n_images", "batch_size"))
+        check_ranges(self, positive=("n_images", "batch_size"), bounds={"max_missing": (0.0, 1.0)})
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Keyed by the oracle's ``cache_key`` (oracle, model, prompt version), the image's content hash
 and the attribute name. Only valid scores are stored: a missing score is asked again on the
-next run. Every batch is committed as soon as it is scored, so a run killed part-way keeps
+next run. Every answer is committed as soon as it arrives, so a run killed part-way keeps
 everything it had finished.
 """
 
@@ -32,6 +32,8 @@ class ScoreCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), timeout=60)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # A commit survives a killed process without an fsync per answer (WAL keeps it atomic).
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS scores (oracle TEXT NOT NULL, image TEXT NOT NULL, "
                          "attribute TEXT NOT NULL, score REAL NOT NULL, PRIMARY KEY (oracle, image, attribute))")
         self._db.commit()

@@ -1,23 +1,31 @@
 """Oracle scores of a run's images, through the score cache.
 
-Cached scores are reused and only the missing image-attribute pairs are asked; each scored batch
-is committed at once, so a killed run loses at most the batch in flight.
+Cached scores are reused and only the missing image-attribute pairs are asked; answers are
+committed as they arrive, so a killed run loses at most the requests in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from gem.interfaces import ImageDataset, RelationOracle
+from gem.errors import GemError
+from gem.interfaces import ImageDataset, RelationOracle, ScoreRequest
 from gem.recipe import Recipe
 from gem.score_cache import ScoreCache, image_hash
 from gem.progress import progress
 
-__all__ = ["score_images", "score_with_cache", "score_summary"]
+__all__ = ["score_images", "score_with_cache", "score_summary", "check_missing", "MissingScoresError"]
+
+log = logging.getLogger("gem")
+
+
+class MissingScoresError(GemError, RuntimeError):
+    """More scores are missing than ``scoring.max_missing`` allows."""
 
 
 def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndarray, batch_size: int,
@@ -26,7 +34,9 @@ def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndar
     """Oracle scores (len(indices), n), NaN where the oracle gave no valid score.
 
     With a cache (and an oracle that has a ``cache_key``) cached scores are reused and only the
-    missing image-attribute pairs are asked; each scored batch is committed at once.
+    missing image-attribute pairs are asked. Images stream through
+    :meth:`~gem.interfaces.RelationOracle.score_stream`; each answer is committed to the
+    cache as it arrives, so a killed run loses only the requests in flight.
     With an accelerator of N processes, process k asks every N-th missing image from k on, and
     the results are gathered, so N processes make the same requests as one.
     Returns the scores and counters (``cache_hits``, ``images_asked``; summed over processes).
@@ -44,33 +54,49 @@ def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndar
     groups: dict[tuple[int, ...], list[int]] = {}
     for row in np.flatnonzero(np.isnan(scores).any(axis=1)):
         groups.setdefault(tuple(np.flatnonzero(np.isnan(scores[row]))), []).append(int(row))
-    groups = {cols: rows[rank::processes] for cols, rows in groups.items()}
-    asked = sum(len(rows) for rows in groups.values())
-    answered: list[tuple[np.ndarray, tuple[int, ...], np.ndarray]] = []
-    with progress(asked, "score", unit="img", disable=not show_progress) as bar:
-        for cols, rows in groups.items():
-            names = [attributes[j] for j in cols]
-            for start in range(0, len(rows), batch_size):
-                chunk = np.asarray(rows[start:start + batch_size])
-                result = np.asarray(oracle.score(np.asarray(dataset.images[indices[chunk]]), indices[chunk], names),
-                                    dtype=float)
-                if result.shape != (len(chunk), len(names)):
-                    raise ValueError(f"oracle returned scores of shape {result.shape}, expected {(len(chunk), len(names))}")
-                bad = ~np.isnan(result) & ((result < 0) | (result > 5))
+    asks = [(row, cols) for cols, rows in groups.items() for row in rows[rank::processes]]
+    columns = dict(asks)
+    requests = (ScoreRequest(row, np.asarray(dataset.images[indices[row]]), int(indices[row]),
+                             tuple(attributes[j] for j in cols)) for row, cols in asks)
+    answered: list[tuple[int, tuple[int, ...], np.ndarray]] = []
+    pending: list[tuple[int, tuple[int, ...], np.ndarray]] = []
+
+    def commit() -> None:
+        if key and pending:
+            by_columns: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+            for row, cols, values in pending:
+                by_columns.setdefault(cols, []).append((row, values))
+            for cols, items in by_columns.items():
+                cache.put(key, [hashes[row] for row, _ in items], [attributes[j] for j in cols],
+                          np.stack([values for _, values in items]))
+        pending.clear()
+
+    with progress(len(asks), "score", unit="img", disable=not show_progress) as bar:
+        try:
+            for row, values in oracle.score_stream(requests, batch_size):
+                cols = columns[row]
+                values = np.asarray(values, dtype=float)
+                if values.shape != (len(cols),):
+                    raise ValueError(f"oracle returned {values.shape[0] if values.ndim else 0} scores for image "
+                                     f"{indices[row]}, expected {len(cols)}")
+                bad = ~np.isnan(values) & ((values < 0) | (values > 5))
                 if bad.any():
-                    i, j = np.argwhere(bad)[0]
-                    raise ValueError(f"oracle returned {result[i, j]} for {names[j]!r} of image {indices[chunk][i]}; "
-                                     "scores must be in 0..5 or NaN for missing")
-                scores[np.ix_(chunk, cols)] = result
-                answered.append((chunk, cols, result))
-                if key:
-                    cache.put(key, [hashes[r] for r in chunk], names, result)
-                bar.update(len(chunk))
+                    j = int(np.flatnonzero(bad)[0])
+                    raise ValueError(f"oracle returned {values[j]} for {attributes[cols[j]]!r} of image "
+                                     f"{indices[row]}; scores must be in 0..5 or NaN for missing")
+                scores[row, list(cols)] = values
+                answered.append((row, cols, values))
+                pending.append((row, cols, values))
+                commit()
+                bar.update(1)
+        finally:
+            commit()
+    asked = len(asks)
     if processes > 1:
         from accelerate.utils import gather_object
 
-        for chunk, cols, result in gather_object(answered):
-            scores[np.ix_(chunk, cols)] = result
+        for row, cols, values in gather_object(answered):
+            scores[row, list(cols)] = values
         asked = int(sum(gather_object([asked])))
     return scores, {"cache_hits": cache_hits, "images_asked": asked}
 
@@ -113,3 +139,22 @@ def score_summary(scores: np.ndarray) -> dict[str, Any]:
     return {"images_scored": int(len(scores)), "missing_scores": int(np.isnan(scores).sum()),
             "images_with_missing": int((~complete).sum()),
             "all_zero_rate": float((np.nan_to_num(scores, nan=1) == 0).all(axis=1).mean()) if len(scores) else 0.0}
+
+
+def check_missing(scores: np.ndarray, attributes: list[str], max_missing: float, cache_path: Optional[Path] = None) -> None:
+    """Say on the console how many scores each attribute misses, and stop when more than
+    ``max_missing`` of all scores are missing (:class:`MissingScoresError`)."""
+    missing = np.isnan(scores).sum(axis=0)
+    if not missing.any():
+        return
+    fraction = float(missing.sum()) / scores.size
+    per_attribute = ", ".join(f"{a} {int(m)}" for a, m in zip(attributes, missing) if m)
+    log.warning(f"scores: {int(missing.sum()):,} of {scores.size:,} scores are missing ({fraction:.1%}): "
+                f"{per_attribute} (of {len(scores):,} images each)")
+    if fraction > max_missing:
+        kept = (f"the scores that arrived are kept in {cache_path}, so a re-run asks only for the missing ones"
+                if cache_path is not None else "scoring.cache is off, so a re-run asks for every score again")
+        raise MissingScoresError(
+            f"{fraction:.1%} of the oracle's scores are missing, more than scoring.max_missing={max_missing:g}; "
+            f"{kept}. Look at the oracle's replies (gem oracle-eval shows accuracy and missing answers per "
+            f"attribute), or raise scoring.max_missing to train with what there is")

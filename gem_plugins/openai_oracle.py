@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import heapq
 import http.client
 import io
+import itertools
 import ipaddress
 import json
 import logging
@@ -53,16 +55,18 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timezone
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Hashable, Iterable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 
 from gem import hookimpl
 from gem.errors import GemError
-from gem.interfaces import BuildContext, RelationOracle
+from gem.interfaces import BuildContext, RelationOracle, ScoreRequest
+from gem_plugins.request_scheduler import AdaptiveConcurrency, LatencyTracker
 from gem_plugins.prompts import PROMPT_VERSION, attribute_prompt, image_prompt, parse_json_scores, parse_score
 
 log = logging.getLogger("gem.oracle.openai")
@@ -99,7 +103,12 @@ class OpenAIOracleOptions:
     timeout: float = 60.0
     """Seconds to wait for a reply before retrying."""
     max_concurrency: int = 8
-    """Requests in flight at once."""
+    """Most requests in flight at once; fewer while the server answers 429 or refuses connections."""
+    hedge_factor: Optional[float] = 4.0
+    """A request slower than this many times the median reply (and at least 5 s) is sent once more
+    and the first answer is kept; null: never (each hedge is one more paid request)."""
+    preflight: bool = True
+    """Ask GET <base_url>/models (free) before scoring, so a wrong URL or key fails in seconds."""
     max_requests: Optional[int] = None
     """Budget of HTTP requests (retries included) for the run; null: no limit."""
     max_retries: int = 5
@@ -126,7 +135,8 @@ class OpenAIOracleOptions:
                   "max_retries": self.max_retries >= 0, "backoff_base": self.backoff_base >= 0,
                   "backoff_max": self.backoff_max >= 0, "temperature": self.temperature >= 0,
                   "max_requests": self.max_requests is None or self.max_requests >= 0,
-                  "max_tokens": self.max_tokens is None or self.max_tokens >= 1}
+                  "max_tokens": self.max_tokens is None or self.max_tokens >= 1,
+                  "hedge_factor": self.hedge_factor is None or self.hedge_factor > 1}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
@@ -151,6 +161,11 @@ class _Secret:
 
 class _TransportError(Exception):
     """No HTTP response: refused, reset, DNS failure, time-out."""
+
+    def __init__(self, message: str, refused: bool = False, timed_out: bool = False):
+        super().__init__(message)
+        self.refused = refused
+        self.timed_out = timed_out
 
 
 class _StatusError(Exception):
@@ -208,8 +223,40 @@ def encode_image(image: np.ndarray, fmt: str = "png") -> str:
     return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+@dataclass
+class _Task:
+    """One image (per_image) or one image-attribute pair (per_attribute) on its way to a score."""
+
+    key: Hashable
+    image: np.ndarray
+    prompt_attributes: list[str]
+    got: dict[str, Optional[int]]
+    url: Optional[str] = None
+    tries: int = 0
+    in_flight: int = 0
+    first_sent: float = 0.0
+    outcome: str = "invalid"
+    last_error: str = ""
+    hedge: bool = False
+    queued: bool = False
+    done: bool = False
+
+    def missing(self) -> list[str]:
+        return [a for a in self.prompt_attributes if self.got[a] is None]
+
+
+@dataclass
+class _Attempt:
+    task: _Task
+    started: Optional[float] = None
+    straggler: bool = False
+
+
 class OpenAIOracle(RelationOracle):
     """Scores attributes with a multimodal chat model behind an OpenAI-compatible API."""
+
+    #: Replies looked at before deciding that the model's answers cannot be read at all.
+    READABILITY_WINDOW = 16
 
     def __init__(self, options: OpenAIOracleOptions, context: Optional[BuildContext] = None):
         self.options = options
@@ -222,16 +269,24 @@ class OpenAIOracle(RelationOracle):
                     f"which is unset or empty: export {options.api_key_env}=<your key> before the run, or set "
                     f"oracle.api_key_env to null for a local server that needs no key")
             self._key = _Secret(value.strip())
-        self.url = options.base_url.rstrip("/") + "/chat/completions"
+        self.root = options.base_url.rstrip("/")
+        self.url = self.root + "/chat/completions"
         host = urllib.parse.urlsplit(options.base_url).hostname or ""
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback(host) else []
         self._opener = urllib.request.build_opener(*handlers)
         self.cache_key = f"openai/{options.model}/{options.prompt_mode}/{PROMPT_VERSION}"
-        self._pool = ThreadPoolExecutor(max_workers=options.max_concurrency, thread_name_prefix="gem-openai")
+        # Twice the concurrency: a straggler keeps its thread while its hedge runs on another.
+        self._pool = ThreadPoolExecutor(max_workers=2 * options.max_concurrency, thread_name_prefix="gem-openai")
         self._lock = threading.Lock()
-        self._counts = {"requests": 0, "retries": 0, "failures": 0, "rate_limited": 0, "server_errors": 0,
-                        "transport_errors": 0, "invalid_replies": 0, "prompt_tokens": 0,
+        self._counts = {"requests": 0, "retries": 0, "hedged": 0, "failures": 0, "rate_limited": 0,
+                        "server_errors": 0, "transport_errors": 0, "invalid_replies": 0, "prompt_tokens": 0,
                         "completion_tokens": 0, "budget_exhausted": 0}
+        self._concurrency = AdaptiveConcurrency(options.max_concurrency)
+        self._latency = LatencyTracker(options.hedge_factor)
+        self._checked = not options.preflight
+        self._replies = self._unreadable = 0
+        self._unreadable_example = ""
+        self._last_response = -float("inf")
         self._budget_warned = False
         self.notes: list[str] = []
 
@@ -242,99 +297,276 @@ class OpenAIOracle(RelationOracle):
 
     # -- public API -------------------------------------------------------------------------
     def score(self, images: np.ndarray, indices: np.ndarray, attributes: Sequence[str]) -> np.ndarray:
-        attributes = list(attributes)
+        attributes = tuple(attributes)
         scores = np.full((len(images), len(attributes)), np.nan)
-        if len(images) == 0 or not attributes:
-            return scores
-        urls = list(self._pool.map(lambda image: encode_image(image, self.options.image_format), list(images)))
-        if self.options.prompt_mode == "per_image":
-            tasks = [(row, list(range(len(attributes))), image_prompt(attributes)) for row in range(len(images))]
-        else:
-            prompts = [attribute_prompt(a) for a in attributes]
-            tasks = [(row, [col], prompts[col]) for row in range(len(images)) for col in range(len(attributes))]
-        futures = [self._pool.submit(self._run_task, urls[row], prompt, [attributes[c] for c in cols])
-                   for row, cols, prompt in tasks]
-        try:
-            outcomes = [f.result() for f in futures]
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        budget_missing = 0
-        for (row, cols, _), (values, outcome, _) in zip(tasks, outcomes):
-            for col in cols:
-                value = values.get(attributes[col])
-                if value is not None:
-                    scores[row, col] = value
-            missing = sum(values.get(attributes[c]) is None for c in cols)
-            if outcome == "budget":
-                budget_missing += missing
-        with self._lock:
-            self._counts["failures"] += int(np.isnan(scores).sum()) - budget_missing
-            self._counts["budget_exhausted"] += budget_missing
-        if budget_missing:
-            self._warn_budget()
-        if all(o[1] == "transport" for o in outcomes):
-            raise OracleError(f"openai oracle: cannot reach {self.url}: {outcomes[-1][2]} "
-                              f"(all {len(outcomes)} requests of this batch failed, "
-                              f"{self.options.max_retries} retries each)")
-        if all(o[1] in ("transport", "status") for o in outcomes):
-            log.warning("openai oracle: every request of this batch to %s failed; last error: %s; "
-                        "its scores are recorded as missing", self.url, outcomes[-1][2])
+        requests = (ScoreRequest(row, image, int(index), attributes)
+                    for row, (image, index) in enumerate(zip(images, indices)))
+        for row, values in self.score_stream(requests):
+            scores[row] = values
         return scores
+
+    def score_stream(self, requests: Iterable[ScoreRequest], batch_size: int = 32
+                     ) -> Iterator[tuple[Hashable, np.ndarray]]:
+        """Keep up to the adaptive concurrency limit of requests in flight over the whole stream.
+
+        Each image's scores are yielded as soon as they are complete (or given up), retries wait
+        in a queue without holding a slot, and a request much slower than the median is sent again
+        (``hedge_factor``). ``batch_size`` is not used: there is no batch barrier.
+        """
+        if not self._checked:
+            self._preflight()
+        per_image = self.options.prompt_mode == "per_image"
+        parts: dict[Hashable, list[_Task]] = {}
+        values: dict[Hashable, dict[str, Optional[int]]] = {}
+        order: dict[Hashable, tuple[str, ...]] = {}
+
+        def tasks() -> Iterator[_Task]:
+            for request in requests:
+                order[request.key] = tuple(request.attributes)
+                values[request.key] = {}
+                groups = [list(request.attributes)] if per_image else [[a] for a in request.attributes]
+                parts[request.key] = [_Task(request.key, request.image, g, {a: None for a in g}) for g in groups]
+                yield from list(parts[request.key])
+
+        def finished(task: _Task) -> Optional[tuple[Hashable, np.ndarray]]:
+            """Account for a task that is done; the image's scores once all its tasks are."""
+            if task.done:
+                return None
+            task.done = True
+            missing = len(task.missing())
+            with self._lock:
+                self._counts["budget_exhausted" if task.outcome == "budget" else "failures"] += missing
+            if task.outcome == "budget" and missing:
+                self._warn_budget()
+            values[task.key].update(task.got)
+            remaining = parts[task.key]
+            remaining.remove(task)
+            if remaining:
+                return None
+            del parts[task.key]
+            got = values.pop(task.key)
+            return task.key, np.array([np.nan if got.get(a) is None else got[a] for a in order.pop(task.key)],
+                                      dtype=float)
+
+        for item in self._schedule(tasks(), finished):
+            yield item
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        # Stragglers whose hedge already answered are left to finish on their own time-out.
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
-    # -- one image (per_image) or one image-attribute pair (per_attribute) -------------------
-    def _run_task(self, url: str, prompt: str, attributes: list[str]) -> tuple[dict[str, Optional[int]], str, str]:
-        """Ask until every attribute has a valid score or the retries are spent.
+    # -- the scheduler ----------------------------------------------------------------------
+    def _schedule(self, source: Iterator[_Task], finished) -> Iterator[tuple[Hashable, np.ndarray]]:
+        o = self.options
+        ready: deque[_Task] = deque()
+        waiting: list[tuple[float, int, _Task]] = []
+        running: dict[Future, _Attempt] = {}
+        ticket = itertools.count()
+        exhausted = False
+        done_tasks: list[_Task] = []
 
-        Returns the scores (None = missing), the outcome (``ok``, ``invalid``, ``transport``,
-        ``status``, ``budget``) and the last error message.
-        """
-        got: dict[str, Optional[int]] = {a: None for a in attributes}
-        body = self._body(url, prompt, len(attributes))
-        outcome, last_error = "invalid", ""
-        for attempt in range(self.options.max_retries + 1):
-            if not self._take_budget():
-                return got, "budget", "request budget spent"
-            if attempt:
-                with self._lock:
-                    self._counts["retries"] += 1
-            retry_after: Optional[float] = None
-            try:
-                text = self._post(body)
-            except _TransportError as exc:
-                outcome, last_error = "transport", str(exc)
-                log.info("openai oracle: %s: %s (attempt %d)", self.url, last_error, attempt + 1)
-            except _StatusError as exc:
-                outcome, last_error, retry_after = "status", str(exc), exc.retry_after
-                log.info("openai oracle: %s from %s (attempt %d)", last_error, self.url, attempt + 1)
-                if exc.status in FATAL_STATUSES:
-                    raise OracleError(f"openai oracle: {self.url} answered {last_error} "
-                                      f"(check base_url, model {self.options.model!r} and the API key)") from None
-                if not (exc.status in RETRY_STATUSES or exc.status >= 500):
-                    return got, outcome, last_error
-            else:
-                parsed = (parse_json_scores(text, attributes) if self.options.prompt_mode == "per_image"
-                          else {attributes[0]: parse_score(text)})
-                for attribute, value in parsed.items():
-                    if got[attribute] is None:
-                        got[attribute] = value
-                if all(v is not None for v in got.values()):
-                    return got, "ok", ""
-                with self._lock:
-                    self._counts["invalid_replies"] += 1
-                outcome, last_error = "invalid", f"no valid 0-5 score in the reply {text[:80]!r}"
-                log.info("openai oracle: %s (attempt %d)", last_error, attempt + 1)
-            if attempt < self.options.max_retries:
-                time.sleep(self._delay(attempt, retry_after))
-        return got, outcome, last_error
+        def retry_later(task: _Task, retry_after: Optional[float]) -> None:
+            if task.in_flight or task.queued:  # its hedge (or the straggler it replaced) may still answer
+                return
+            if task.tries > o.max_retries:
+                if task.outcome == "unreachable" and self._last_response < task.first_sent:
+                    raise OracleError(f"openai oracle: cannot reach {self.url}: {task.last_error} (no answer to "
+                                      f"any request since this one was first sent, {o.max_retries} retries)")
+                done_tasks.append(task)
+                return
+            task.queued = True
+            heapq.heappush(waiting, (time.monotonic() + self._delay(task.tries - 1, retry_after), next(ticket), task))
+
+        try:
+            while True:
+                now = time.monotonic()
+                while waiting and waiting[0][0] <= now:
+                    ready.append(heapq.heappop(waiting)[2])
+                active = sum(not a.straggler for a in running.values())
+                while active < self._concurrency.limit:
+                    if ready:
+                        task = ready.popleft()
+                    elif not exhausted:
+                        task = next(source, None)
+                        if task is None:
+                            exhausted = True
+                            continue
+                    else:
+                        break
+                    task.queued = False
+                    if task.done or not task.missing():  # answered while its hedge waited in the queue
+                        continue
+                    if not self._take_budget():
+                        task.outcome = "budget"
+                        if not task.in_flight:
+                            done_tasks.append(task)
+                        continue
+                    if task.hedge:
+                        task.hedge = False
+                    else:
+                        if task.tries:
+                            with self._lock:
+                                self._counts["retries"] += 1
+                        task.tries += 1
+                    if not task.first_sent:
+                        task.first_sent = now
+                    task.in_flight += 1
+                    attempt = _Attempt(task)
+                    running[self._pool.submit(self._attempt, attempt)] = attempt
+                    active += 1
+                for task in done_tasks:
+                    item = finished(task)
+                    if item is not None:
+                        yield item
+                done_tasks.clear()
+                if exhausted and not ready and not waiting and all(a.task.done for a in running.values()):
+                    return  # stragglers whose hedge answered are not waited for
+                # A straggler is sent again once; it keeps running but no longer holds a slot.
+                late = self._latency.straggler_after()
+                next_check = float("inf")
+                for attempt in running.values():
+                    if (attempt.straggler or attempt.started is None or attempt.task.in_flight > 1
+                            or attempt.task.queued):
+                        continue
+                    due = attempt.started + late
+                    if due <= now:
+                        attempt.straggler = True
+                        attempt.task.hedge = attempt.task.queued = True
+                        ready.appendleft(attempt.task)
+                        with self._lock:
+                            self._counts["hedged"] += 1
+                    else:
+                        next_check = min(next_check, due)
+                active = sum(not a.straggler for a in running.values())
+                if ready and active < self._concurrency.limit:
+                    continue
+                wake = min([next_check, waiting[0][0] if waiting else float("inf"), now + 1.0])
+                timeout = max(0.0, wake - time.monotonic())
+                if not running:
+                    time.sleep(timeout)
+                    continue
+                done, _ = wait(list(running), timeout=timeout, return_when=FIRST_COMPLETED)
+                for future in done:
+                    attempt = running.pop(future)
+                    self._settle(attempt, future, retry_later, done_tasks)
+        finally:
+            for future in running:
+                future.cancel()
+
+    def _attempt(self, attempt: _Attempt) -> tuple[str, float]:
+        """One request for the attributes the task still misses (runs on a pool thread)."""
+        attempt.started = time.monotonic()
+        task = attempt.task
+        if task.url is None:
+            task.url = encode_image(task.image, self.options.image_format)
+        missing = task.missing() or task.prompt_attributes
+        prompt = image_prompt(missing) if self.options.prompt_mode == "per_image" else attribute_prompt(missing[0])
+        text = self._chat(self._body(task.url, prompt, len(missing)))
+        return text, time.monotonic() - attempt.started
+
+    def _settle(self, attempt: _Attempt, future: Future, retry_later, done_tasks: list[_Task]) -> None:
+        """Take in one finished request: merge its scores, or queue a retry, or give the task up."""
+        task = attempt.task
+        task.in_flight -= 1
+        error = future.exception()
+        now = time.monotonic()
+        if error is None:
+            text, seconds = future.result()
+            self._last_response = now
+            self._latency.add(seconds)
+            self._concurrency.on_success()
+            if not task.missing():
+                return  # a straggler answering after its hedge did
+            asked = task.missing()
+            parsed = (parse_json_scores(text, asked) if self.options.prompt_mode == "per_image"
+                      else {asked[0]: parse_score(text)})
+            for attribute, value in parsed.items():
+                if value is not None and task.got[attribute] is None:
+                    task.got[attribute] = value
+            self._check_readable(text, any(v is not None for v in parsed.values()))
+            if not task.missing():
+                task.outcome = "ok"
+                done_tasks.append(task)
+                return
+            with self._lock:
+                self._counts["invalid_replies"] += 1
+            task.outcome, task.last_error = "invalid", f"no valid 0-5 score in the reply {text[:80]!r}"
+            log.info("openai oracle: %s (try %d)", task.last_error, task.tries)
+            retry_later(task, None)
+            return
+        if not task.missing():
+            return
+        if isinstance(error, _TransportError):
+            task.outcome, task.last_error = "transport" if error.timed_out else "unreachable", str(error)
+            if error.refused:
+                self._concurrency.on_overload()
+            log.info("openai oracle: %s: %s (try %d)", self.url, task.last_error, task.tries)
+            retry_later(task, None)
+        elif isinstance(error, _StatusError):
+            self._last_response = now
+            task.outcome, task.last_error = "status", str(error)
+            log.info("openai oracle: %s from %s (try %d)", task.last_error, self.url, task.tries)
+            if error.status in FATAL_STATUSES:
+                raise OracleError(f"openai oracle: {self.url} answered {task.last_error} "
+                                  f"(check base_url, model {self.options.model!r} and the API key)") from None
+            if error.status == 429:
+                self._concurrency.on_overload()
+            if error.status in RETRY_STATUSES or error.status >= 500:
+                retry_later(task, error.retry_after)
+            elif not task.in_flight:
+                done_tasks.append(task)
+        else:
+            raise error
+
+    def _check_readable(self, text: str, readable: bool) -> None:
+        """Stop early when most of the first replies hold no score the parser can read."""
+        with self._lock:
+            if self._replies >= self.READABILITY_WINDOW:
+                return
+            self._replies += 1
+            if not readable:
+                self._unreadable += 1
+                self._unreadable_example = self._unreadable_example or text
+            decide = self._replies == self.READABILITY_WINDOW
+        if decide and self._unreadable * 2 > self._replies:
+            expected = ("a JSON object mapping each attribute to an integer 0-5, e.g. "
+                        + '{"Smiling": 3, "Bangs": 0}' if self.options.prompt_mode == "per_image"
+                        else "a single digit from 0 to 5")
+            raise OracleError(
+                f"openai oracle: {self._unreadable} of the first {self._replies} replies of model "
+                f"{self.options.model!r} hold no score that can be read; expected {expected}; one reply was: "
+                f"{self._redact(self._unreadable_example)[:300]!r}. Try another model or prompt_mode, or check "
+                f"the server's chat template; scores read so far are kept in the cache")
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    def _preflight(self) -> None:
+        """One free request (GET /models) before scoring, so a wrong URL or key fails in seconds."""
+        self._checked = True
+        url = self.root + "/models"
+        try:
+            raw = self._request("GET", url, None, timeout=min(self.options.timeout, 10.0))
+        except _TransportError as exc:
+            if exc.timed_out:
+                log.warning("openai oracle: %s did not answer within 10 s before scoring; trying anyway", url)
+                return
+            raise OracleError(f"openai oracle: cannot reach {self.options.base_url}: {exc} (GET {url} before "
+                              f"scoring; is the server running and is oracle.base_url right?)") from None
+        except _StatusError as exc:
+            if exc.status in (401, 403):
+                raise OracleError(f"openai oracle: {url} answered {exc} (check the API key in "
+                                  f"{self.options.api_key_env})") from None
+            return  # many local servers have no model list; the first request tells
+        try:
+            listed = [m.get("id") for m in json.loads(raw).get("data", []) if isinstance(m, dict)]
+        except (ValueError, AttributeError):
+            return
+        if listed and self.options.model not in listed:
+            log.warning("openai oracle: the server at %s does not list model %r (it lists %s)",
+                        self.options.base_url, self.options.model, ", ".join(map(str, listed[:8])))
 
     def _body(self, url: str, prompt: str, n_attributes: int) -> dict[str, Any]:
         o = self.options
@@ -367,26 +599,28 @@ class OpenAIOracle(RelationOracle):
 
     def _delay(self, attempt: int, retry_after: Optional[float]) -> float:
         o = self.options
-        if retry_after is not None:
-            return min(retry_after, o.backoff_max)
-        cap = min(o.backoff_base * (2 ** attempt), o.backoff_max)
-        return cap * (0.5 + 0.5 * random.random())
+        backoff = min(o.backoff_base * (2 ** attempt), o.backoff_max) * (0.5 + 0.5 * random.random())
+        if retry_after is not None:  # not sooner than the server asks, nor later than backoff_max
+            return min(max(retry_after, backoff), o.backoff_max)
+        return backoff
 
     def _redact(self, text: str) -> str:
         if self._key is not None and self._key.get():
             text = text.replace(self._key.get(), "<hidden>")
         return text
 
-    def _post(self, body: dict[str, Any]) -> str:
-        """POST one chat completion; the reply's text, or _TransportError / _StatusError."""
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    def _request(self, method: str, url: str, body: Optional[dict[str, Any]], timeout: float) -> bytes:
+        """One HTTP request; the raw reply, or _TransportError / _StatusError."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         if self._key is not None:
             headers["Authorization"] = "Bearer " + self._key.get()
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers,
-                                         method="POST")
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
-            with self._opener.open(request, timeout=self.options.timeout) as response:
-                raw = response.read()
+            with self._opener.open(request, timeout=timeout) as response:
+                return response.read()
         except urllib.error.HTTPError as exc:
             try:
                 detail = exc.read().decode("utf-8", "replace")
@@ -409,13 +643,19 @@ class OpenAIOracle(RelationOracle):
         except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
                 http.client.HTTPException, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc
-            if isinstance(reason, (socket.timeout, TimeoutError)):
-                reason = f"timed out after {self.options.timeout:g} s"
+            timed_out = isinstance(reason, (socket.timeout, TimeoutError))
+            refused = isinstance(reason, ConnectionRefusedError)
+            if timed_out:
+                reason = f"timed out after {timeout:g} s"
             elif isinstance(reason, OSError) and reason.strerror:
                 reason = reason.strerror
             with self._lock:
                 self._counts["transport_errors"] += 1
-            raise _TransportError(self._redact(str(reason))) from None
+            raise _TransportError(self._redact(str(reason)), refused=refused, timed_out=timed_out) from None
+
+    def _chat(self, body: dict[str, Any]) -> str:
+        """POST one chat completion; the reply's text ("" when the reply has none)."""
+        raw = self._request("POST", self.url, body, self.options.timeout)
         try:
             reply = json.loads(raw)
             usage = reply.get("usage") or {}

@@ -19,6 +19,13 @@ what unscripted requests get. Behaviours:
 ``garbage``      200 with a reply that holds no score
 ``out_of_range`` 200 with the score 7 for every attribute
 ``401``          HTTP 401 (bad key)
+``tail``         like ``ok``, but ``server.tail_fraction`` of them (at random) sleep ``server.tail_seconds``
+``partial``      200 with a JSON object that holds only the first asked attribute
+
+``server.capacity`` (None: unlimited) is how many requests it answers at once; one more is
+answered 429 at once, as a rate-limited API does. ``GET /v1/models`` lists ``server.models``
+(``server.models_status`` other than 200 answers that status instead) and is counted in
+``server.model_lists``, not in ``server.requests``.
 """
 
 from __future__ import annotations
@@ -81,6 +88,13 @@ class FakeOpenAI:
         self.in_flight = 0
         self.max_in_flight = 0
         self.behaviours: list[str] = []
+        self.capacity: Optional[int] = None
+        self.tail_fraction = 0.05
+        self.tail_seconds = 30.0
+        self.models = ["fake-vision"]
+        self.models_status = 200
+        self.model_lists = 0
+        self._random = np.random.default_rng(0)
         self._script: list[str] = []
         self._lock = threading.Lock()
         self._httpd: Optional[ThreadingHTTPServer] = None
@@ -108,6 +122,9 @@ class FakeOpenAI:
 
             def do_POST(self) -> None:  # noqa: N802 (http.server naming)
                 fake._handle(self)
+
+            def do_GET(self) -> None:  # noqa: N802
+                fake._list_models(self)
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
@@ -141,8 +158,15 @@ class FakeOpenAI:
             self.requests.append({"path": handler.path, "headers": dict(handler.headers.items()), "body": body})
         behaviour = self._next_behaviour()
         with self._lock:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if self.capacity is not None and self.in_flight >= self.capacity:
+                behaviour = "over_capacity"
+            else:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        counted = True
+        if behaviour == "over_capacity":
+            return self._send(handler, 429, {"error": {"message": "Too many requests in flight", "type": "requests"}},
+                              {"Retry-After": self.retry_after})
         try:
             if handler.path.rstrip("/") != "/v1/chat/completions" or body is None:
                 return self._send(handler, 404, {"error": {"message": f"no route {handler.path}"}})
@@ -155,17 +179,27 @@ class FakeOpenAI:
                 return self._send(handler, 401, {"error": {"message": "Incorrect API key provided", "type": "auth"}})
             if behaviour == "slow":
                 time.sleep(self.slow_seconds)
+            if behaviour == "tail":
+                with self._lock:
+                    late = self._random.random() < self.tail_fraction
+                time.sleep(self.tail_seconds if late else self.slow_seconds)
             text = self._answer(body, behaviour)
             reply = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
                      "choices": [{"index": 0, "finish_reason": "stop",
                                   "message": {"role": "assistant", "content": text}}],
                      "usage": {"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105}}
+            # Counted out before the reply is written: a client that sends its next request as
+            # soon as it reads this one is not one over.
+            with self._lock:
+                self.in_flight -= 1
+            counted = False
             self._send(handler, 200, reply)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (time-out)
             pass
         finally:
-            with self._lock:
-                self.in_flight -= 1
+            if counted:
+                with self._lock:
+                    self.in_flight -= 1
 
     def _answer(self, body: dict, behaviour: str) -> str:
         if behaviour == "garbage":
@@ -173,10 +207,21 @@ class FakeOpenAI:
         text, urls = request_parts(body)
         named = [a for a in self.attributes if f'"{a}"' in text]
         image = decode_data_url(urls[0])
+        if behaviour == "partial":
+            named = named[:1]
         scores = {a: (7 if behaviour == "out_of_range" else int(self.scorer(a, image))) for a in named}
-        if len(named) == 1 and "JSON" not in text:
+        if len(named) == 1 and "JSON" not in text and behaviour != "partial":
             return str(scores[named[0]])
         return "Here are the scores:\n```json\n" + json.dumps(scores) + "\n```"
+
+    def _list_models(self, handler: BaseHTTPRequestHandler) -> None:
+        with self._lock:
+            self.model_lists += 1
+        if handler.path.rstrip("/") != "/v1/models":
+            return self._send(handler, 404, {"error": {"message": f"no route {handler.path}"}})
+        if self.models_status != 200:
+            return self._send(handler, self.models_status, {"error": {"message": "model list refused"}})
+        self._send(handler, 200, {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
 
     @staticmethod
     def _send(handler: BaseHTTPRequestHandler, status: int, payload: dict,

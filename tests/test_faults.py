@@ -257,12 +257,12 @@ def test_sigkill_mid_scoring_then_resume_repeats_no_finished_request(tmp_path, f
     first = list(fake_server.requests)
     with ScoreCache(tmp_path / "cache" / "oracle_scores.sqlite") as cache:
         committed = {row[0] for row in cache._db.execute("SELECT DISTINCT image FROM scores")}
-        assert 8 <= len(committed) < 40 and cache.count() == len(committed) * 6  # whole batches only
+        assert 8 <= len(committed) < 40 and cache.count() == len(committed) * 6  # whole images only
     fake_server.default = "ok"
     assert run_main(["--resume", str(run_dir)]) == 0
     second = fake_server.requests[len(first):]
     assert not requested_hashes(second) & committed  # nothing already stored is asked again
-    assert len(first) + len(second) - 40 <= 4  # at most the batch in flight at the kill is asked twice
+    assert len(first) + len(second) - 40 <= 2  # at most the requests in flight at the kill are asked twice
     lines = (run_dir / "scores.csv").read_text().splitlines()[1:]
     assert len(lines) == 40 and all(cell for line in lines for cell in line.split(","))  # no lost score
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -296,6 +296,26 @@ def test_random_429_500_timeouts_and_garbage_every_score_accounted_for(tmp_path,
     assert stats["rate_limited"] == served.count("429") and stats["server_errors"] == served.count("500")
     assert stats["transport_errors"] == served.count("slow") and stats["invalid_replies"] == served.count("garbage")
     assert 0 < stats["failures"] < 30 * 6 // 2 and all(v in range(6) for v in scores[~np.isnan(scores)])
+
+
+def test_too_many_missing_scores_stop_before_training_and_keep_what_arrived(tmp_path, fake_server, monkeypatch, capsys):
+    monkeypatch.setenv("GEM_FAULT_KEY", KEY)
+    fake_server.default = "partial"  # every reply holds only the first attribute
+    path = write_recipe(tmp_path, oracle=openai_section(fake_server, max_retries=0), scoring={"n_images": 20},
+                        training={"steps": 4, "warmup_steps": 2})
+    run_dir = tmp_path / "run"
+    assert run_main([str(path), "--out", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"100 of 120 scores are missing \(83\.3%\): " + ", ".join(f"{a} 20" for a in ATTRS[1:]), err)
+    assert "more than scoring.max_missing=0.1; the scores that arrived are kept in" in err
+    assert not run_dir.exists()
+    with ScoreCache(tmp_path / "cache" / "oracle_scores.sqlite") as cache:
+        assert cache.count() == 20
+    fake_server.default = "ok"
+    before = len(fake_server.requests)
+    assert run_main([str(path), "--out", str(run_dir)]) == 0
+    asked = fake_server.requests[before:]
+    assert len(asked) == 20 and all(f'"{ATTRS[0]}"' not in request_parts(r["body"])[0] for r in asked)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,8 +354,8 @@ BAD_INPUTS = {
                         r"needs an API key in the environment variable GEM_FAULT_UNSET_KEY, which is unset"),
     "unreachable oracle": ({}, ["oracle={plugin: openai, api_key_env: null, base_url: '{closed}', max_retries: 1, "
                                 "backoff_base: 0.001}"],
-                           r"cannot reach http://127\.0\.0\.1:\d+/v1/chat/completions: Connection refused "
-                           r"\(all \d+ requests of this batch failed, 1 retries each\)"),
+                           r"cannot reach http://127\.0\.0\.1:\d+/v1: Connection refused \(GET "
+                           r"http://127\.0\.0\.1:\d+/v1/models before scoring; is the server running"),
 }
 
 
