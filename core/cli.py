@@ -18,7 +18,7 @@ from gem import __version__
 from gem.cli_errors import guard
 from gem.errors import ConfigurationError
 from gem.progress import add_verbosity_options, logger, setup_from_args
-from gem.plugins import STAGES, Registry, describe_plugins, make_plugin_manager
+from gem.plugins import STAGES, Registry, broken_entry_points, describe_plugins, make_plugin_manager
 from gem.recipe import (DEFAULT_RECIPE, load_recipe_file, override_recipe, recipe_summary, shipped_recipes,
                         validate_recipe)
 
@@ -194,8 +194,14 @@ def _plugins(args: argparse.Namespace) -> int:
     for stage in STAGES:
         print(f"{stage}:")
         for name in registry.names(stage):
-            reg = registry.get(stage, name)
-            print(f"  {name:<12} {reg.description}  [plugin {reg.plugin}, {packages.get(reg.plugin, '?')}]")
+            clashing = registry.conflicts.get((stage, name))
+            for reg in clashing or [registry.get(stage, name)]:
+                mark = "  CONFLICT: registered by more than one plugin" if clashing else ""
+                print(f"  {name:<12} {reg.description}  [plugin {reg.plugin}, {packages.get(reg.plugin, '?')}]{mark}")
+    for key in registry.conflicts:
+        print(f"\nconflict: {registry.conflict_message(*key)}")
+    for entry in broken_entry_points(pm):
+        print(f"\nnot loaded: entry point {entry['entry_point']!r} of {entry['package']}: {entry['error']}")
     return 0
 
 

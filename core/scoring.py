@@ -7,6 +7,7 @@ committed as they arrive, so a killed run loses at most the requests in flight.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -73,7 +74,9 @@ def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndar
 
     with progress(len(asks), "score", unit="img", disable=not show_progress) as bar:
         try:
-            for row, values in oracle.score_stream(requests, batch_size):
+            # An oracle that only has score() (duck-typed, not a RelationOracle) gets the batching default.
+            stream = getattr(oracle, "score_stream", None) or partial(RelationOracle.score_stream, oracle)
+            for row, values in stream(requests, batch_size):
                 cols = columns[row]
                 values = np.asarray(values, dtype=float)
                 if values.shape != (len(cols),):

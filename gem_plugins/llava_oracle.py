@@ -24,9 +24,12 @@ the answer in one of two ways:
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -86,9 +89,43 @@ class ModelNotFoundError(GemError, FileNotFoundError):
 
 
 def _looks_like_path(model: str) -> bool:
-    """A local path rather than a hub id (``org/name`` or ``name``)."""
-    return (os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
-            or os.sep != "/" and os.sep in model)
+    """A local path rather than a hub id (``org/name`` or ``name``): it starts with ``/``, ``.`` or
+    ``~``, has more than one ``/``, or its first part is a folder that exists here."""
+    if os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model:
+        return True
+    parent = Path(model).parent
+    return str(parent) not in ("", ".") and parent.is_dir()
+
+
+def _missing_folder_message(source: str) -> str:
+    local = Path(source).expanduser()
+    parent = local.parent if str(local.parent) else Path(".")
+    near = []
+    if parent.is_dir():
+        names = [p.name for p in parent.iterdir() if p.is_dir()]
+        near = difflib.get_close_matches(local.name, names, n=3, cutoff=0.6)
+    hint = f"; in {str(parent)!r} there is {', '.join(repr(str(parent / n)) for n in near)}" if near else ""
+    return (f"llava oracle: model folder {source!r} does not exist{hint}; give a folder written by save_pretrained "
+            f"or a Hugging Face hub id such as llava-hf/llava-1.5-7b-hf")
+
+
+def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
+    """Why the Hugging Face hub cannot be reached in ``timeout`` seconds, or None if it can (or a
+    proxy is configured, which this check cannot see through)."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if not endpoint:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    parts = urllib.parse.urlsplit(endpoint)
+    host, port = parts.hostname or "huggingface.co", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{endpoint} cannot be reached ({exc.strerror or exc})"
+    return None
 
 
 def _transformers_version() -> tuple[int, ...]:
@@ -154,10 +191,23 @@ class LlavaOracle(RelationOracle):
                                          f"(not a folder written by save_pretrained)")
             source = str(local.resolve())
         elif _looks_like_path(source):
-            raise ModelNotFoundError(f"llava oracle: model folder {source!r} does not exist; give a folder written by "
-                                     f"save_pretrained or a Hugging Face hub id such as llava-hf/llava-1.5-7b-hf")
+            raise ModelNotFoundError(_missing_folder_message(source))
         self.model_source = source
         common = {"trust_remote_code": options.trust_remote_code, "revision": options.revision}
+        if source == options.model and os.environ.get("HF_HUB_OFFLINE", "") in ("", "0"):
+            # Without a network, transformers retries for minutes before failing: check in seconds.
+            reason = _hub_unreachable()
+            if reason is not None:
+                from huggingface_hub import try_to_load_from_cache
+
+                if not isinstance(try_to_load_from_cache(source, "config.json", revision=options.revision), str):
+                    raise ModelNotFoundError(
+                        f"llava oracle: model {source!r} is not a local folder, not in the Hugging Face cache, and "
+                        f"{reason}. Download it where there is a network (huggingface-cli download {source} "
+                        f"--local-dir models/{source.rsplit('/', 1)[-1]}) and give that folder as oracle.model, "
+                        f"or set HF_HUB_OFFLINE=1 to load only from the cache")
+                log.info("llava oracle: %s; loading %s from the local cache", reason, source)
+                common["local_files_only"] = True
         try:
             self.processor = AutoProcessor.from_pretrained(source, **common)
             self.model = self._load_model(source, common)

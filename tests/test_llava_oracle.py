@@ -127,6 +127,32 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         LlavaOracle(LlavaOracleOptions(model="gem-tests/no-such-model"))  # offline: not in the cache
 
 
+def test_a_mistyped_relative_folder_is_folder_not_found_with_the_near_names(tmp_path, monkeypatch):
+    (tmp_path / "models" / "tiny-llava").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"model folder 'models/tiny-lava' does not exist; in 'models' there "
+                                                r"is 'models/tiny-llava'"):
+        LlavaOracle(LlavaOracleOptions(model="models/tiny-lava"))
+
+
+def test_a_hub_id_without_network_fails_in_seconds_with_the_offline_hint(tmp_path, monkeypatch):
+    import time
+
+    from fake_openai import closed_port_url
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url().removesuffix("/v1"))  # nothing listens there
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match=r"model 'gem-tests/no-such-model' is not a local folder, not in the "
+                                                r"Hugging Face cache, and http://127\.0\.0\.1:\d+ cannot be reached.*"
+                                                r"huggingface-cli download .*HF_HUB_OFFLINE=1"):
+        LlavaOracle(LlavaOracleOptions(model="gem-tests/no-such-model"))
+    assert time.monotonic() - start < 10
+
+
 class StubTokenizer:
     unk_token_id = 0
 

@@ -1,6 +1,7 @@
 """Plugin discovery: built-ins through entry points, third parties the same way."""
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -10,14 +11,14 @@ import pytest
 
 import gem
 from gem import hookimpl
-from gem.plugins import PluginError, Registry, describe_plugins, make_plugin_manager
+from gem.plugins import (PluginError, Registry, broken_entry_points, describe_plugins, make_plugin_manager,
+                         plugin_sources)
 
 
-def test_builtins_come_from_entry_points():
-    pm = make_plugin_manager()
-    dists = {pm.get_name(plugin): dist.project_name for plugin, dist in pm.list_plugin_distinfo()}
+def test_builtins_are_named_with_their_package():
+    sources = plugin_sources(make_plugin_manager())
     for name in ("synthetic", "gem_vae", "labels_oracle", "somersd", "graph_learners"):
-        assert dists.get(name) == "gem-disentangle"
+        assert sources[name] == f"gem-disentangle {gem.__version__}"
 
 
 def test_every_stage_has_a_builtin(registry):
@@ -28,11 +29,66 @@ def test_every_stage_has_a_builtin(registry):
     assert {"gcn", "fixed", "identity"} <= set(registry.names("graph"))
 
 
-def test_duplicate_name_is_an_error_naming_both_plugins():
+def test_duplicate_name_is_an_error_when_used_naming_both_plugins():
     thief = types.SimpleNamespace(gem_register_rankers=hookimpl(lambda register: register("somersd", object)))
-    pm = make_plugin_manager(extra_plugins=(thief,))
-    with pytest.raises(PluginError, match=r"registered twice.*'somersd'.*plugin"):
-        Registry(pm)
+    registry = Registry(make_plugin_manager(extra_plugins=(thief,)))
+    assert "somersd" in registry.names("ranker") and registry.get("graph", "gcn")  # the rest still works
+    with pytest.raises(PluginError, match=r"ranker 'somersd' is registered by 2 plugins: plugin 'somersd' of "
+                                          r"gem-disentangle .* and plugin '\d+' of no installed package"):
+        registry.get("ranker", "somersd")
+
+
+@pytest.fixture
+def acme_site(tmp_path, monkeypatch):
+    """Two packages laid out as pip leaves them: acme-gem, whose entry point takes a built-in's name
+    and registers a built-in oracle name, and broken-gem, whose entry point does not import."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "acme_gem.py").write_text(
+        "from gem import hookimpl\n"
+        "class Oracle:\n    pass\n"
+        "@hookimpl\n"
+        "def gem_register_oracles(register):\n"
+        "    register('labels', Oracle, description='acme labels')\n"
+        "    register('acme', Oracle, description='acme oracle')\n")
+    for dist, version, entry in [("acme-gem", "1.0", "synthetic = acme_gem"), ("broken-gem", "0.3", "broken = broken_gem_missing")]:
+        info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[gem]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(site))
+    yield site
+    sys.modules.pop("acme_gem", None)
+
+
+def test_an_entry_point_named_like_a_builtin_is_kept_and_a_clash_names_both_packages(acme_site):
+    pm = make_plugin_manager()
+    assert plugin_sources(pm)["acme-gem:synthetic"] == "acme-gem 1.0"  # not dropped
+    registry = Registry(pm)
+    assert "acme" in registry.names("oracle") and registry.get("oracle", "acme").plugin == "acme-gem:synthetic"
+    assert registry.get("dataset", "synthetic")  # the built-in keeps its name
+    with pytest.raises(PluginError, match=r"oracle 'labels' is registered by 2 plugins: plugin 'labels_oracle' of "
+                                          r"gem-disentangle \S+ and plugin 'acme-gem:synthetic' of acme-gem 1\.0; .*"
+                                          r"pip uninstall acme-gem"):
+        registry.get("oracle", "labels")
+    broken = broken_entry_points(pm)
+    assert [(b["entry_point"], b["package"]) for b in broken] == [("broken", "broken-gem 0.3")]
+    assert "ModuleNotFoundError" in broken[0]["error"]
+    records = {r["plugin"]: r for r in describe_plugins(pm)}
+    assert records["acme-gem:synthetic"]["conflicts"] == ["oracle labels"]
+    assert records["labels_oracle"]["conflicts"] == ["oracle labels"]
+
+
+def test_gem_plugins_lists_a_conflict_and_a_broken_package_and_a_run_that_uses_it_fails(acme_site, capsys, tmp_path):
+    from gem.cli import main, run_main
+
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"labels .*\[plugin labels_oracle, gem-disentangle .*CONFLICT", out)
+    assert re.search(r"labels .*acme labels  \[plugin acme-gem:synthetic, acme-gem 1\.0\]  CONFLICT", out)
+    assert "not loaded: entry point 'broken' of broken-gem 0.3: ModuleNotFoundError" in out
+    assert run_main(["--set", "training.steps=1", "--print-recipe"]) == 2  # the default recipe's oracle is labels
+    assert "oracle 'labels' is registered by 2 plugins" in capsys.readouterr().err
 
 
 def test_misspelt_hook_is_caught():

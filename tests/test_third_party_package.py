@@ -23,7 +23,7 @@ import yaml
 
 from gem.cli import run_main
 from gem.pipeline import run_recipe
-from gem.plugins import Registry, describe_plugins, make_plugin_manager
+from gem.plugins import Registry, describe_plugins, make_plugin_manager, plugin_sources
 from gem.recipe import validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +72,7 @@ def test_example_package_declares_what_the_test_installs():
 
 def test_entry_point_makes_the_oracle_available(site):
     pm = make_plugin_manager()
-    from_entry_points = {pm.get_name(plugin): dist.project_name for plugin, dist in pm.list_plugin_distinfo()}
-    assert from_entry_points.get("brightness") == DIST
+    assert plugin_sources(pm)["brightness"] == f"{DIST} {VERSION}"
     record = next(r for r in describe_plugins(pm) if r["plugin"] == "brightness")
     assert record["package"] == DIST and record["version"] == VERSION
     assert record["registers"] == {"oracle": ["brightness"]}
