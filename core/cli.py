@@ -34,6 +34,9 @@ def _run_parser(prog: str = "gem-run") -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="with --out: remove the run already in that folder first")
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="load the data and say what scoring would ask (cached scores, requests, tokens, and "
+                             "the cost with oracle.price_per_million_tokens), then exit: nothing is sent or trained")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last checkpoint (RECIPE defaults to its recipe.yaml)")
     parser.add_argument("--num-processes", type=int, default=1, metavar="N",
@@ -103,6 +106,15 @@ def _run(args: argparse.Namespace) -> int:
         recipe = validate_recipe(data, registry)
     if args.print_recipe:
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        return 0
+    if args.dry_run:
+        from gem.context import RunContext
+        from gem.scoring import scoring_plan
+
+        context = RunContext.open(recipe, registry, Path(recipe.out))
+        dataset = context.load_dataset()
+        print(scoring_plan(recipe, registry, dataset, context.split(dataset).scored))
+        print("dry run: nothing was sent or trained, and no run folder was made")
         return 0
     # Imported after validation: a typo in a recipe is reported before torch's training stack loads.
     from gem.pipeline import check_out_folder, make_run_dir, run_recipe

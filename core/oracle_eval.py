@@ -39,7 +39,7 @@ from gem.plugins import Registry, make_plugin_manager
 from gem.recipe import Recipe, load_recipe_file, override_recipe, validate_recipe
 from gem.report import Report, format_cell, text_table
 from gem.run_folder import write_scores
-from gem.scoring import score_with_cache
+from gem.scoring import score_with_cache, scoring_plan
 from gem.progress import add_verbosity_options, logger, setup_from_args
 
 __all__ = ["evaluate_oracle", "format_oracle_table", "plot_oracle_quality", "oracle_main"]
@@ -209,6 +209,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help="override a recipe key, e.g. --set oracle.error_rate=0.2 (repeatable)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: <recipe out>/<name>-oracle-<timestamp>)")
     parser.add_argument("--n-images", type=int, metavar="N", help="images to score, from the first (default: scoring.n_images)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="say what scoring would ask (cached scores, requests, tokens, cost) and exit; sends nothing")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     add_verbosity_options(parser)
     return parser
@@ -234,6 +236,13 @@ def _oracle_eval(args: argparse.Namespace) -> int:
     recipe = validate_recipe(data, registry)
     if args.n_images is not None and args.n_images < 1:
         raise ConfigurationError(f"--n-images must be at least 1, got {args.n_images}")
+    if args.dry_run:
+        context = RunContext.open(recipe, registry, Path(recipe.out))
+        dataset = context.load_dataset()
+        n = min(recipe.scoring.n_images if args.n_images is None else args.n_images, len(dataset))
+        print(scoring_plan(recipe, registry, dataset, np.arange(n)))
+        print("dry run: nothing was sent and no results were written")
+        return 0
     out_dir = _out_dir(recipe, args.out)
     logger.info(f"gem {__version__}: evaluating oracle {recipe.plugin_name('oracle')!r} on data set "
                 f"{recipe.plugin_name('dataset')!r} into {out_dir}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,11 +17,10 @@ from gem.errors import GemError
 from gem.interfaces import ImageDataset, RelationOracle, ScoreRequest
 from gem.recipe import Recipe
 from gem.score_cache import ScoreCache, image_hash
-from gem.progress import progress
+from gem.progress import logger, progress
 
-__all__ = ["score_images", "score_with_cache", "score_summary", "check_missing", "MissingScoresError"]
-
-log = logging.getLogger("gem")
+__all__ = ["score_images", "score_with_cache", "score_summary", "check_missing", "MissingScoresError",
+           "scoring_plan", "format_estimate", "pending_asks"]
 
 
 class MissingScoresError(GemError, RuntimeError):
@@ -51,12 +49,13 @@ def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndar
     if key:
         scores[:] = cache.get(key, hashes, attributes)
     cache_hits = int((~np.isnan(scores)).sum())
-    # Ask each image only for what is missing; images missing the same attributes go together.
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for row in np.flatnonzero(np.isnan(scores).any(axis=1)):
-        groups.setdefault(tuple(np.flatnonzero(np.isnan(scores[row]))), []).append(int(row))
-    asks = [(row, cols) for cols, rows in groups.items() for row in rows[rank::processes]]
+    asks = pending_asks(scores, rank, processes)
     columns = dict(asks)
+    estimate = getattr(oracle, "estimate", None)
+    if asks and estimate is not None and getattr(oracle, "options", None) is not None:
+        shape = tuple(np.asarray(dataset.images[indices[0]]).shape[:2])
+        logger.info("scores: " + format_estimate(estimate(oracle.options, [(shape, [attributes[j] for j in cols])
+                                                                           for _, cols in asks])))
     requests = (ScoreRequest(row, np.asarray(dataset.images[indices[row]]), int(indices[row]),
                              tuple(attributes[j] for j in cols)) for row, cols in asks)
     answered: list[tuple[int, tuple[int, ...], np.ndarray]] = []
@@ -102,6 +101,53 @@ def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndar
             scores[row, list(cols)] = values
         asked = int(sum(gather_object([asked])))
     return scores, {"cache_hits": cache_hits, "images_asked": asked}
+
+
+def pending_asks(scores: np.ndarray, rank: int = 0, processes: int = 1) -> list[tuple[int, tuple[int, ...]]]:
+    """(row, columns) of every image with missing scores, asking only what is missing; images
+    missing the same attributes go together; process ``rank`` of ``processes`` takes every N-th."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row in np.flatnonzero(np.isnan(scores).any(axis=1)):
+        groups.setdefault(tuple(int(j) for j in np.flatnonzero(np.isnan(scores[row]))), []).append(int(row))
+    return [(row, cols) for cols, rows in groups.items() for row in rows[rank::processes]]
+
+
+def format_estimate(estimate: dict[str, Any]) -> str:
+    """One line: requests, tokens and (with a price) the cost of what an oracle is about to ask."""
+    line = (f"{estimate['requests']:,} requests to {estimate['model']}, about {estimate['input_tokens']:,} input "
+            f"and {estimate['output_tokens']:,} output tokens")
+    if estimate.get("cost") is not None:
+        price_in, price_out = estimate["prices"]
+        line += f", about ${estimate['cost']:,.2f} at ${price_in:g} / ${price_out:g} per million input / output tokens"
+    else:
+        line += " (set oracle.price_per_million_tokens for the cost)"
+    return line + "; retries and hedged requests come on top"
+
+
+def scoring_plan(recipe: Recipe, registry: Any, dataset: ImageDataset, indices: np.ndarray) -> str:
+    """What scoring ``indices`` with the recipe's oracle would ask, sending nothing and building
+    no oracle (no API key or model needed): cached scores, requests, tokens and cost."""
+    name = recipe.plugin_name("oracle")
+    registration = registry.get("oracle", name)
+    options = recipe.plugin_options["oracle"]
+    attributes = list(dataset.attributes)
+    scores = np.full((len(indices), len(attributes)), np.nan)
+    key_for = getattr(registration.factory, "key_for", None)
+    path = Path(recipe.cache_dir) / "oracle_scores.sqlite"
+    if recipe.scoring.cache and key_for is not None and path.is_file():
+        with ScoreCache(path) as cache:
+            scores[:] = cache.get(key_for(options), [image_hash(dataset.images[i]) for i in indices], attributes)
+    asks = pending_asks(scores)
+    cached = int((~np.isnan(scores)).sum())
+    line = (f"oracle {name!r}: {len(indices):,} images x {len(attributes)} attributes, {cached:,} of "
+            f"{scores.size:,} scores cached, {len(asks):,} images to ask")
+    estimate = getattr(registration.factory, "estimate", None)
+    if estimate is not None and asks:
+        shape = tuple(np.asarray(dataset.images[indices[0]]).shape[:2])
+        line += ": " + format_estimate(estimate(options, [(shape, [attributes[j] for j in cols]) for _, cols in asks]))
+    elif asks:
+        line += " (a local oracle: no requests are paid for)"
+    return line
 
 
 def score_with_cache(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndarray, recipe: Recipe,
@@ -152,7 +198,7 @@ def check_missing(scores: np.ndarray, attributes: list[str], max_missing: float,
         return
     fraction = float(missing.sum()) / scores.size
     per_attribute = ", ".join(f"{a} {int(m)}" for a, m in zip(attributes, missing) if m)
-    log.warning(f"scores: {int(missing.sum()):,} of {scores.size:,} scores are missing ({fraction:.1%}): "
+    logger.warning(f"scores: {int(missing.sum()):,} of {scores.size:,} scores are missing ({fraction:.1%}): "
                 f"{per_attribute} (of {len(scores):,} images each)")
     if fraction > max_missing:
         kept = (f"the scores that arrived are kept in {cache_path}, so a re-run asks only for the missing ones"

@@ -46,6 +46,7 @@ import itertools
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -59,7 +60,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timezone
-from typing import Any, Hashable, Iterable, Iterator, Literal, Optional, Sequence
+from typing import Any, Hashable, Iterable, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
 
@@ -109,6 +110,11 @@ class OpenAIOracleOptions:
     and the first answer is kept; null: never (each hedge is one more paid request)."""
     preflight: bool = True
     """Ask GET <base_url>/models (free) before scoring, so a wrong URL or key fails in seconds."""
+    image_tokens: Optional[int] = None
+    """Input tokens one image costs, for the cost estimate; null: OpenAI's rule for GPT-4o-class
+    models (85, plus 170 per 512-pixel tile unless image_detail is low)."""
+    price_per_million_tokens: Optional[Union[float, dict]] = None
+    """Price for the cost estimate: one number (input and output alike) or {input: 2.5, output: 10}."""
     max_requests: Optional[int] = None
     """Budget of HTTP requests (retries included) for the run; null: no limit."""
     max_retries: int = 5
@@ -136,10 +142,26 @@ class OpenAIOracleOptions:
                   "backoff_max": self.backoff_max >= 0, "temperature": self.temperature >= 0,
                   "max_requests": self.max_requests is None or self.max_requests >= 0,
                   "max_tokens": self.max_tokens is None or self.max_tokens >= 1,
-                  "hedge_factor": self.hedge_factor is None or self.hedge_factor > 1}
+                  "hedge_factor": self.hedge_factor is None or self.hedge_factor > 1,
+                  "image_tokens": self.image_tokens is None or self.image_tokens >= 0}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
+        self.prices()
+
+    def prices(self) -> Optional[tuple[float, float]]:
+        """(input, output) price per million tokens, or None when no price is set."""
+        price = self.price_per_million_tokens
+        if price is None:
+            return None
+        if isinstance(price, dict):
+            if set(price) != {"input", "output"} or not all(isinstance(v, (int, float)) and v >= 0 for v in price.values()):
+                raise ValueError("price_per_million_tokens must be a number or {input: <price>, output: <price>} "
+                                 f"(prices >= 0), got {price!r}")
+            return float(price["input"]), float(price["output"])
+        if price < 0:
+            raise ValueError(f"price_per_million_tokens must be >= 0, got {price!r}")
+        return float(price), float(price)
 
 
 class _Secret:
@@ -203,6 +225,20 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def image_tokens(width: int, height: int, detail: Optional[str] = None) -> int:
+    """Input tokens of one image under OpenAI's documented rule for GPT-4o-class models: 85 at
+    ``low`` detail; otherwise the image is scaled to fit 2048 x 2048, then its short side to at
+    most 768, and each 512-pixel tile adds 170."""
+    if detail == "low":
+        return 85
+    w, h = float(width), float(height)
+    scale = min(1.0, 2048 / max(w, h))
+    w, h = w * scale, h * scale
+    scale = min(1.0, 768 / min(w, h))
+    w, h = w * scale, h * scale
+    return 85 + 170 * math.ceil(w / 512) * math.ceil(h / 512)
 
 
 def encode_image(image: np.ndarray, fmt: str = "png") -> str:
@@ -274,7 +310,7 @@ class OpenAIOracle(RelationOracle):
         host = urllib.parse.urlsplit(options.base_url).hostname or ""
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback(host) else []
         self._opener = urllib.request.build_opener(*handlers)
-        self.cache_key = f"openai/{options.model}/{options.prompt_mode}/{PROMPT_VERSION}"
+        self.cache_key = self.key_for(options)
         # Twice the concurrency: a straggler keeps its thread while its hedge runs on another.
         self._pool = ThreadPoolExecutor(max_workers=2 * options.max_concurrency, thread_name_prefix="gem-openai")
         self._lock = threading.Lock()
@@ -296,6 +332,36 @@ class OpenAIOracle(RelationOracle):
                 f"api_key_env={o.api_key_env!r})")
 
     # -- public API -------------------------------------------------------------------------
+    @staticmethod
+    def key_for(options: OpenAIOracleOptions) -> str:
+        """The score cache key of an oracle with these options (no oracle, no key needed)."""
+        return f"openai/{options.model}/{options.prompt_mode}/{PROMPT_VERSION}"
+
+    @staticmethod
+    def estimate(options: OpenAIOracleOptions, asks: Sequence[tuple[tuple[int, int], Sequence[str]]]) -> dict[str, Any]:
+        """Requests, input and output tokens and cost of asking, for each (image height and width,
+        attributes) in ``asks``, what is missing; before retries and hedges. Sends nothing.
+
+        Text tokens are counted as 4 characters each; replies as their usual length (a digit, or a
+        JSON object of digits), not ``max_tokens``."""
+        requests = input_tokens = output_tokens = 0
+        for (height, width), attributes in asks:
+            per_image = (options.image_tokens if options.image_tokens is not None
+                         else image_tokens(width, height, options.image_detail))
+            if options.prompt_mode == "per_image":
+                prompts = [image_prompt(list(attributes))]
+                replies = [json.dumps({a: 3 for a in attributes})]
+            else:
+                prompts = [attribute_prompt(a) for a in attributes]
+                replies = ["3"] * len(attributes)
+            requests += len(prompts)
+            input_tokens += sum(math.ceil(len(p) / 4) + per_image for p in prompts)
+            output_tokens += sum(math.ceil(len(r) / 4) + 1 for r in replies)
+        prices = options.prices()
+        cost = (input_tokens * prices[0] + output_tokens * prices[1]) / 1e6 if prices else None
+        return {"requests": requests, "input_tokens": input_tokens, "output_tokens": output_tokens, "cost": cost,
+                "prices": prices, "model": options.model}
+
     def score(self, images: np.ndarray, indices: np.ndarray, attributes: Sequence[str]) -> np.ndarray:
         attributes = tuple(attributes)
         scores = np.full((len(images), len(attributes)), np.nan)

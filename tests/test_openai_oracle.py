@@ -440,3 +440,26 @@ def test_a_server_without_a_model_list_is_fine_and_an_unlisted_model_is_a_warnin
     with caplog.at_level(logging.WARNING, logger="gem.oracle.openai"):
         make_oracle().score(images, np.arange(1), ATTRS)
     assert "does not list model 'fake-vision' (it lists other-model)" in caplog.text
+
+
+def test_image_tokens_follow_openais_documented_examples():
+    from gem_plugins.openai_oracle import image_tokens
+
+    assert image_tokens(1024, 1024) == 765  # 768 x 768: four tiles
+    assert image_tokens(2048, 4096) == 1105  # 768 x 1536: six tiles
+    assert image_tokens(64, 64) == 255 and image_tokens(4096, 4096, "low") == 85
+
+
+def test_estimate_counts_requests_tokens_and_cost_by_hand():
+    from gem_plugins.prompts import attribute_prompt
+
+    options = OpenAIOracleOptions(api_key_env=None, prompt_mode="per_attribute", image_tokens=100,
+                                  price_per_million_tokens={"input": 2.0, "output": 8.0})
+    estimate = OpenAIOracle.estimate(options, [((64, 64), ATTRS), ((64, 64), ATTRS[:1])])
+    prompt_tokens = sum(-(-len(attribute_prompt(a)) // 4) for a in ATTRS + ATTRS[:1])
+    assert estimate["requests"] == 4 and estimate["input_tokens"] == prompt_tokens + 4 * 100
+    assert estimate["output_tokens"] == 4 * 2  # a digit (one token) and the end
+    assert estimate["cost"] == pytest.approx((estimate["input_tokens"] * 2 + 8 * 8) / 1e6)
+    assert OpenAIOracle.estimate(dataclasses.replace(options, price_per_million_tokens=None), [])["cost"] is None
+    with pytest.raises(ValueError, match=r"price_per_million_tokens must be a number or \{input"):
+        OpenAIOracleOptions(api_key_env=None, price_per_million_tokens={"in": 1})

@@ -1,6 +1,7 @@
 """Oracle scoring through the persistent cache, and full runs with the openai oracle."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -144,3 +145,33 @@ def test_per_attribute_mode_makes_n_requests_per_image(openai_recipe, tmp_path):
     assert run_main([str(path), "--out", str(tmp_path / "run"), "--set", "oracle.prompt_mode=per_attribute",
                      "--set", "scoring.cache=false"]) == 0
     assert len(server.requests) == 40 * 6
+
+
+def test_dry_run_says_what_scoring_would_ask_and_cost_and_sends_nothing(openai_recipe, tmp_path, capsys):
+    path, server = openai_recipe
+    price = ["--set", "oracle.price_per_million_tokens={input: 2.5, output: 10}"]
+    assert run_main([str(path), "--dry-run", *price]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("oracle 'openai'"))
+    assert "40 images x 6 attributes, 0 of 240 scores cached, 40 images to ask: 40 requests to fake-vision" in line
+    tokens = [int(t.replace(",", "")) for t in re.search(r"about ([\d,]+) input and ([\d,]+) output", line).groups()]
+    cost = float(re.search(r"about \$([\d.]+) at \$2\.5 / \$10 per million", line).group(1))
+    assert cost == pytest.approx((tokens[0] * 2.5 + tokens[1] * 10) / 1e6, abs=0.006)
+    assert tokens[0] > 40 * 255  # each 32x32 image alone is 255 tokens under OpenAI's rule
+    assert "nothing was sent or trained" in out
+    assert len(server.requests) == 0 and server.model_lists == 0
+    assert run_main([str(path), "--out", str(tmp_path / "run"), *price]) == 0
+    assert "scores: " + line.split("to ask: ")[1] in capsys.readouterr().err  # the same before the paid run
+    assert len(server.requests) == 40
+    assert run_main([str(path), "--dry-run", *price]) == 0
+    assert "240 of 240 scores cached, 0 images to ask" in capsys.readouterr().out
+
+
+def test_oracle_eval_dry_run(openai_recipe, capsys):
+    from gem.oracle_eval import oracle_main
+
+    path, server = openai_recipe
+    assert oracle_main([str(path), "--dry-run", "--n-images", "12", "--set", "oracle.prompt_mode=per_attribute"]) == 0
+    out = capsys.readouterr().out
+    assert "12 images x 6 attributes" in out and "72 requests to fake-vision" in out
+    assert "oracle.price_per_million_tokens for the cost" in out and len(server.requests) == 0
