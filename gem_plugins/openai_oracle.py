@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -68,7 +69,8 @@ from gem import hookimpl
 from gem.errors import GemError
 from gem.interfaces import BuildContext, RelationOracle, ScoreRequest
 from gem_plugins.request_scheduler import AdaptiveConcurrency, LatencyTracker
-from gem_plugins.prompts import PROMPT_VERSION, attribute_prompt, image_prompt, parse_json_scores, parse_score
+from gem_plugins.prompts import (MAX_SCORE, MIN_SCORE, PROMPT_VERSION, attribute_prompt, image_prompt,
+                                 parse_json_scores, parse_score)
 
 log = logging.getLogger("gem.oracle.openai")
 
@@ -110,6 +112,14 @@ class OpenAIOracleOptions:
     and the first answer is kept; null: never (each hedge is one more paid request)."""
     preflight: bool = True
     """Ask GET <base_url>/models (free) before scoring, so a wrong URL or key fails in seconds."""
+    structured: bool = True
+    """per_image mode: ask for a JSON-schema reply (``response_format``, OpenAI and vLLM know it);
+    a server that rejects it is asked without it for the rest of the run."""
+    mode: Literal["text", "logprobs"] = "text"
+    """text: read the digits of the reply; logprobs: also ask for the tokens' log-probabilities and
+    read each score's digit distribution (kept in ``distributions``), as the llava oracle's logits mode."""
+    score: Literal["argmax", "expected"] = "argmax"
+    """logprobs mode: the most likely digit, or the distribution's expected value rounded."""
     image_tokens: Optional[int] = None
     """Input tokens one image costs, for the cost estimate; null: OpenAI's rule for GPT-4o-class
     models (85, plus 170 per 512-pixel tile unless image_detail is low)."""
@@ -227,6 +237,26 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def digit_distribution(tokens: list, position: int) -> Optional[np.ndarray]:
+    """Probabilities of the scores 0..5 at character ``position`` of a reply, from the chat API's
+    ``logprobs.content`` (each token with its ``top_logprobs``); None when that token has no digit
+    alternatives. Renormalised over the digits, like the llava oracle's logits mode."""
+    offset = 0
+    for token in tokens:
+        text = str(token.get("token", ""))
+        if offset <= position < offset + len(text):
+            candidates = [token, *(token.get("top_logprobs") or [])]
+            probs = np.zeros(MAX_SCORE - MIN_SCORE + 1)
+            for candidate in candidates:
+                digit = str(candidate.get("token", "")).strip()
+                if digit.isdigit() and len(digit) == 1 and MIN_SCORE <= int(digit) <= MAX_SCORE:
+                    probs[int(digit) - MIN_SCORE] = max(probs[int(digit) - MIN_SCORE],
+                                                        math.exp(float(candidate.get("logprob", -math.inf))))
+            return probs / probs.sum() if probs.sum() > 0 else None
+        offset += len(text)
+    return None
+
+
 def image_tokens(width: int, height: int, detail: Optional[str] = None) -> int:
     """Input tokens of one image under OpenAI's documented rule for GPT-4o-class models: 85 at
     ``low`` detail; otherwise the image is scaled to fit 2048 x 2048, then its short side to at
@@ -264,6 +294,7 @@ class _Task:
     """One image (per_image) or one image-attribute pair (per_attribute) on its way to a score."""
 
     key: Hashable
+    index: int
     image: np.ndarray
     prompt_attributes: list[str]
     got: dict[str, Optional[int]]
@@ -316,10 +347,13 @@ class OpenAIOracle(RelationOracle):
         self._lock = threading.Lock()
         self._counts = {"requests": 0, "retries": 0, "hedged": 0, "failures": 0, "rate_limited": 0,
                         "server_errors": 0, "transport_errors": 0, "invalid_replies": 0, "prompt_tokens": 0,
-                        "completion_tokens": 0, "budget_exhausted": 0}
+                        "completion_tokens": 0, "budget_exhausted": 0, "no_logprobs": 0}
         self._concurrency = AdaptiveConcurrency(options.max_concurrency)
         self._latency = LatencyTracker(options.hedge_factor)
         self._checked = not options.preflight
+        self._structured = options.structured
+        self.distributions: dict[tuple[int, str], np.ndarray] = {}
+        """logprobs mode: (image index, attribute) -> probabilities of the scores 0..5."""
         self._replies = self._unreadable = 0
         self._unreadable_example = ""
         self._last_response = -float("inf")
@@ -335,7 +369,10 @@ class OpenAIOracle(RelationOracle):
     @staticmethod
     def key_for(options: OpenAIOracleOptions) -> str:
         """The score cache key of an oracle with these options (no oracle, no key needed)."""
-        return f"openai/{options.model}/{options.prompt_mode}/{PROMPT_VERSION}"
+        key = f"openai/{options.model}/{options.prompt_mode}"
+        if options.mode == "logprobs":
+            key += f"/logprobs-{options.score}"
+        return f"{key}/{PROMPT_VERSION}"
 
     @staticmethod
     def estimate(options: OpenAIOracleOptions, asks: Sequence[tuple[tuple[int, int], Sequence[str]]]) -> dict[str, Any]:
@@ -391,7 +428,8 @@ class OpenAIOracle(RelationOracle):
                 order[request.key] = tuple(request.attributes)
                 values[request.key] = {}
                 groups = [list(request.attributes)] if per_image else [[a] for a in request.attributes]
-                parts[request.key] = [_Task(request.key, request.image, g, {a: None for a in g}) for g in groups]
+                parts[request.key] = [_Task(request.key, int(request.index), request.image, g, {a: None for a in g})
+                                      for g in groups]
                 yield from list(parts[request.key])
 
         def finished(task: _Task) -> Optional[tuple[Hashable, np.ndarray]]:
@@ -531,8 +569,8 @@ class OpenAIOracle(RelationOracle):
             task.url = encode_image(task.image, self.options.image_format)
         missing = task.missing() or task.prompt_attributes
         prompt = image_prompt(missing) if self.options.prompt_mode == "per_image" else attribute_prompt(missing[0])
-        text = self._chat(self._body(task.url, prompt, len(missing)))
-        return text, time.monotonic() - attempt.started
+        text, logprobs = self._chat(self._body(task.url, prompt, missing))
+        return text, logprobs, time.monotonic() - attempt.started
 
     def _settle(self, attempt: _Attempt, future: Future, retry_later, done_tasks: list[_Task]) -> None:
         """Take in one finished request: merge its scores, or queue a retry, or give the task up."""
@@ -541,7 +579,7 @@ class OpenAIOracle(RelationOracle):
         error = future.exception()
         now = time.monotonic()
         if error is None:
-            text, seconds = future.result()
+            text, logprobs, seconds = future.result()
             self._last_response = now
             self._latency.add(seconds)
             self._concurrency.on_success()
@@ -550,6 +588,8 @@ class OpenAIOracle(RelationOracle):
             asked = task.missing()
             parsed = (parse_json_scores(text, asked) if self.options.prompt_mode == "per_image"
                       else {asked[0]: parse_score(text)})
+            if self.options.mode == "logprobs":
+                parsed = self._from_logprobs(task, text, logprobs, parsed)
             for attribute, value in parsed.items():
                 if value is not None and task.got[attribute] is None:
                     task.got[attribute] = value
@@ -576,6 +616,12 @@ class OpenAIOracle(RelationOracle):
             self._last_response = now
             task.outcome, task.last_error = "status", str(error)
             log.info("openai oracle: %s from %s (try %d)", task.last_error, self.url, task.tries)
+            if error.status in (400, 422) and self._structured and "response_format" in str(error).lower():
+                self._structured = False  # this server does not take JSON-schema replies: ask as plain text
+                log.info("openai oracle: %s rejects response_format; asking for plain JSON replies", self.url)
+                task.tries -= 1
+                retry_later(task, 0.0)
+                return
             if error.status in FATAL_STATUSES:
                 raise OracleError(f"openai oracle: {self.url} answered {task.last_error} "
                                   f"(check base_url, model {self.options.model!r} and the API key)") from None
@@ -634,15 +680,45 @@ class OpenAIOracle(RelationOracle):
             log.warning("openai oracle: the server at %s does not list model %r (it lists %s)",
                         self.options.base_url, self.options.model, ", ".join(map(str, listed[:8])))
 
-    def _body(self, url: str, prompt: str, n_attributes: int) -> dict[str, Any]:
+    def _body(self, url: str, prompt: str, attributes: list[str]) -> dict[str, Any]:
         o = self.options
         image_part: dict[str, Any] = {"url": url}
         if o.image_detail is not None:
             image_part["detail"] = o.image_detail
-        max_tokens = o.max_tokens or (16 if o.prompt_mode == "per_attribute" else 32 + 16 * n_attributes)
-        return {"model": o.model, "temperature": o.temperature, "max_tokens": max_tokens,
+        max_tokens = o.max_tokens or (16 if o.prompt_mode == "per_attribute" else 32 + 16 * len(attributes))
+        body = {"model": o.model, "temperature": o.temperature, "max_tokens": max_tokens,
                 "messages": [{"role": "user", "content": [{"type": "text", "text": prompt},
                                                           {"type": "image_url", "image_url": image_part}]}]}
+        if o.prompt_mode == "per_image" and self._structured:
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "attribute_scores", "strict": True,
+                "schema": {"type": "object", "additionalProperties": False, "required": list(attributes),
+                           "properties": {a: {"type": "integer", "enum": list(range(MIN_SCORE, MAX_SCORE + 1))}
+                                          for a in attributes}}}}
+        if o.mode == "logprobs":
+            body["logprobs"], body["top_logprobs"] = True, 10
+        return body
+
+    def _from_logprobs(self, task: _Task, text: str, logprobs: Optional[list],
+                       parsed: dict[str, Optional[int]]) -> dict[str, Optional[int]]:
+        """Each parsed score replaced by the argmax or expected value of its digit's distribution."""
+        out = dict(parsed)
+        for attribute, value in parsed.items():
+            if value is None:
+                continue
+            if self.options.prompt_mode == "per_image":
+                match = re.search(r'"' + re.escape(attribute) + r'"\s*:\s*"?(\d)', text, re.IGNORECASE)
+            else:
+                match = re.search(r"(\d)", text)
+            probs = digit_distribution(logprobs, match.start(1)) if match and logprobs else None
+            if probs is None:
+                with self._lock:
+                    self._counts["no_logprobs"] += 1
+                continue
+            self.distributions[task.index, attribute] = probs
+            levels = np.arange(MIN_SCORE, MAX_SCORE + 1)
+            out[attribute] = int(np.rint(probs @ levels)) if self.options.score == "expected" else int(np.argmax(probs))
+        return out
 
     def _take_budget(self) -> bool:
         with self._lock:
@@ -719,8 +795,9 @@ class OpenAIOracle(RelationOracle):
                 self._counts["transport_errors"] += 1
             raise _TransportError(self._redact(str(reason)), refused=refused, timed_out=timed_out) from None
 
-    def _chat(self, body: dict[str, Any]) -> str:
-        """POST one chat completion; the reply's text ("" when the reply has none)."""
+    def _chat(self, body: dict[str, Any]) -> tuple[str, Optional[list]]:
+        """POST one chat completion; the reply's text ("" when the reply has none) and its
+        ``logprobs.content`` tokens (None when absent)."""
         raw = self._request("POST", self.url, body, self.options.timeout)
         try:
             reply = json.loads(raw)
@@ -728,12 +805,14 @@ class OpenAIOracle(RelationOracle):
             with self._lock:
                 self._counts["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
                 self._counts["completion_tokens"] += int(usage.get("completion_tokens") or 0)
-            content = reply["choices"][0]["message"].get("content")
+            choice = reply["choices"][0]
+            content = choice["message"].get("content")
+            tokens = (choice.get("logprobs") or {}).get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            return ""
+            return "", None
         if isinstance(content, list):  # some servers answer with content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return content if isinstance(content, str) else ""
+        return (content if isinstance(content, str) else ""), (tokens if isinstance(tokens, list) else None)
 
 
 @hookimpl

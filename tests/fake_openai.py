@@ -22,6 +22,11 @@ what unscripted requests get. Behaviours:
 ``tail``         like ``ok``, but ``server.tail_fraction`` of them (at random) sleep ``server.tail_seconds``
 ``partial``      200 with a JSON object that holds only the first asked attribute
 
+A request with ``response_format`` gets a bare JSON object, or HTTP 400 when
+``server.structured`` is False (as servers without JSON-schema support answer). A request with
+``logprobs`` gets ``logprobs.content``: one token per character, and for a digit the top
+alternatives ``server.digit_probs(digit)`` (default: 0.7 on the digit, 0.3 on the next one).
+
 ``server.capacity`` (None: unlimited) is how many requests it answers at once; one more is
 answered 429 at once, as a rate-limited API does. ``GET /v1/models`` lists ``server.models``
 (``server.models_status`` other than 200 answers that status instead) and is counted in
@@ -93,6 +98,8 @@ class FakeOpenAI:
         self.tail_seconds = 30.0
         self.models = ["fake-vision"]
         self.models_status = 200
+        self.structured = True
+        self.digit_probs = lambda d: {d: 0.7, min(d + 1, 5) if d < 5 else d - 1: 0.3}
         self.model_lists = 0
         self._random = np.random.default_rng(0)
         self._script: list[str] = []
@@ -177,6 +184,9 @@ class FakeOpenAI:
                 return self._send(handler, 500, {"error": {"message": "The server had an error", "type": "server_error"}})
             if behaviour == "401":
                 return self._send(handler, 401, {"error": {"message": "Incorrect API key provided", "type": "auth"}})
+            if body.get("response_format") and not self.structured:
+                return self._send(handler, 400, {"error": {"message": "response_format is not supported by this "
+                                                                       "model", "type": "invalid_request_error"}})
             if behaviour == "slow":
                 time.sleep(self.slow_seconds)
             if behaviour == "tail":
@@ -184,9 +194,11 @@ class FakeOpenAI:
                     late = self._random.random() < self.tail_fraction
                 time.sleep(self.tail_seconds if late else self.slow_seconds)
             text = self._answer(body, behaviour)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+            if body.get("logprobs"):
+                choice["logprobs"] = {"content": self._logprobs(text)}
             reply = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"),
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": text}}],
+                     "choices": [choice],
                      "usage": {"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105}}
             # Counted out before the reply is written: a client that sends its next request as
             # soon as it reads this one is not one over.
@@ -212,7 +224,20 @@ class FakeOpenAI:
         scores = {a: (7 if behaviour == "out_of_range" else int(self.scorer(a, image))) for a in named}
         if len(named) == 1 and "JSON" not in text and behaviour != "partial":
             return str(scores[named[0]])
+        if body.get("response_format"):
+            return json.dumps(scores)
         return "Here are the scores:\n```json\n" + json.dumps(scores) + "\n```"
+
+    def _logprobs(self, text: str) -> list[dict[str, Any]]:
+        import math
+
+        tokens = []
+        for char in text:
+            top = [{"token": char, "logprob": 0.0}]
+            if char.isdigit() and int(char) <= 5:
+                top = [{"token": str(d), "logprob": math.log(p)} for d, p in self.digit_probs(int(char)).items()]
+            tokens.append({"token": char, "logprob": top[0]["logprob"], "top_logprobs": top})
+        return tokens
 
     def _list_models(self, handler: BaseHTTPRequestHandler) -> None:
         with self._lock:

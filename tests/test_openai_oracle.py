@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import math
 import time
 from email.utils import formatdate
 from pathlib import Path
@@ -463,3 +464,51 @@ def test_estimate_counts_requests_tokens_and_cost_by_hand():
     assert OpenAIOracle.estimate(dataclasses.replace(options, price_per_million_tokens=None), [])["cost"] is None
     with pytest.raises(ValueError, match=r"price_per_million_tokens must be a number or \{input"):
         OpenAIOracleOptions(api_key_env=None, price_per_million_tokens={"in": 1})
+
+
+# -- structured and soft answers ----------------------------------------------------------------
+
+def test_per_image_asks_for_a_json_schema_reply(make_oracle, server):
+    images, truth = make_images(2)
+    np.testing.assert_array_equal(make_oracle().score(images, np.arange(2), ATTRS), truth)
+    schema = server.requests[0]["body"]["response_format"]["json_schema"]["schema"]
+    assert schema["required"] == ATTRS and schema["properties"]["size"]["enum"] == [0, 1, 2, 3, 4, 5]
+    assert not schema["additionalProperties"]
+
+
+def test_a_server_without_json_schema_is_asked_in_plain_text_from_then_on(make_oracle, server):
+    server.structured = False
+    images, truth = make_images(3)
+    oracle = make_oracle()
+    np.testing.assert_array_equal(oracle.score(images, np.arange(3), ATTRS), truth)
+    with_format = [r for r in server.requests if "response_format" in r["body"]]
+    assert len(with_format) == 1 and len(server.requests) == 4  # one refusal, then plain requests
+    assert oracle.stats()["retries"] == 0 and oracle.stats()["failures"] == 0
+
+
+@pytest.mark.parametrize("mode", ["per_image", "per_attribute"])
+def test_logprobs_give_the_digit_distribution_beside_the_score(make_oracle, server, mode):
+    images, truth = make_images(4)
+    server.digit_probs = lambda d: {d: 0.4, 5 - d if 5 - d != d else (d + 1) % 6: 0.6}  # the reply is not the mode
+    oracle = make_oracle(prompt_mode=mode, mode="logprobs")
+    scores = oracle.score(images, np.arange(4), ATTRS)
+    np.testing.assert_array_equal(scores, [[5 - d if 5 - d != d else (d + 1) % 6 for d in row] for row in truth.astype(int)])
+    assert server.requests[0]["body"]["logprobs"] is True
+    probs = oracle.distributions[2, "size"]
+    d = int(truth[2, 2])
+    assert probs[d] == pytest.approx(0.4) and probs.sum() == pytest.approx(1.0)
+    assert oracle.cache_key.startswith(f"openai/fake-vision/{mode}/logprobs-argmax/")
+
+
+def test_expected_score_from_logprobs_and_a_reply_without_logprobs_keeps_the_text(make_oracle, server):
+    from gem_plugins.openai_oracle import digit_distribution
+
+    images, truth = make_images(3)
+    server.digit_probs = lambda d: {d: 0.5, min(d + 2, 5): 0.5}
+    scores = make_oracle(prompt_mode="per_attribute", mode="logprobs", score="expected").score(images, np.arange(3), ATTRS)
+    np.testing.assert_array_equal(scores, np.rint((truth + np.minimum(truth + 2, 5)) / 2))
+    assert digit_distribution([{"token": "{", "logprob": 0.0}], 0) is None
+    tokens = [{"token": "Score: ", "logprob": 0.0}, {"token": "4", "logprob": math.log(0.5),
+                                                      "top_logprobs": [{"token": " 3", "logprob": math.log(0.25)},
+                                                                       {"token": "x", "logprob": math.log(0.25)}]}]
+    np.testing.assert_allclose(digit_distribution(tokens, 7), [0, 0, 0, 1 / 3, 2 / 3, 0])
