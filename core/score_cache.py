@@ -9,7 +9,9 @@ everything it had finished.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -36,6 +38,8 @@ class ScoreCache:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS scores (oracle TEXT NOT NULL, image TEXT NOT NULL, "
                          "attribute TEXT NOT NULL, score REAL NOT NULL, PRIMARY KEY (oracle, image, attribute))")
+        self._db.execute("CREATE TABLE IF NOT EXISTS batches (oracle TEXT NOT NULL, batch TEXT NOT NULL, "
+                         "requests TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (oracle, batch))")
         self._db.commit()
 
     def get(self, oracle: str, hashes: Sequence[str], attributes: Sequence[str]) -> np.ndarray:
@@ -57,6 +61,22 @@ class ScoreCache:
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)", rows)
         return len(rows)
+
+    def add_batch(self, oracle: str, batch: str, requests: Sequence[str]) -> None:
+        """Record a submitted batch job and the ids of its requests, so a killed run polls it again
+        instead of paying for it twice."""
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?)",
+                             (oracle, batch, json.dumps(list(requests)), time.time()))
+
+    def open_batches(self, oracle: str) -> list[tuple[str, list[str]]]:
+        """(batch id, request ids) of the oracle's batches not yet collected, oldest first."""
+        rows = self._db.execute("SELECT batch, requests FROM batches WHERE oracle = ? ORDER BY created", (oracle,))
+        return [(batch, json.loads(requests)) for batch, requests in rows]
+
+    def close_batch(self, oracle: str, batch: str) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM batches WHERE oracle = ? AND batch = ?", (oracle, batch))
 
     def count(self, oracle: str | None = None) -> int:
         if oracle is None:

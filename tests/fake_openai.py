@@ -27,6 +27,12 @@ A request with ``response_format`` gets a bare JSON object, or HTTP 400 when
 ``logprobs`` gets ``logprobs.content``: one token per character, and for a digit the top
 alternatives ``server.digit_probs(digit)`` (default: 0.7 on the digit, 0.3 on the next one).
 
+The Batch API: ``POST /v1/files`` (multipart, purpose ``batch``) stores an upload in
+``server.files``; ``POST /v1/batches`` makes a job in ``server.batches``; ``GET /v1/batches/{id}``
+reports it ``in_progress`` until it has been polled ``server.batch_polls`` times (forever while
+``server.batch_hold``), then answers every line as a chat request would be answered and reports
+it ``completed`` with an output file; ``GET /v1/files/{id}/content`` downloads a file.
+
 ``server.capacity`` (None: unlimited) is how many requests it answers at once; one more is
 answered 429 at once, as a rate-limited API does. ``GET /v1/models`` lists ``server.models``
 (``server.models_status`` other than 200 answers that status instead) and is counted in
@@ -99,6 +105,10 @@ class FakeOpenAI:
         self.models = ["fake-vision"]
         self.models_status = 200
         self.structured = True
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_polls = 1
+        self.batch_hold = False
         self.digit_probs = lambda d: {d: 0.7, min(d + 1, 5) if d < 5 else d - 1: 0.3}
         self.model_lists = 0
         self._random = np.random.default_rng(0)
@@ -128,10 +138,16 @@ class FakeOpenAI:
                 pass
 
             def do_POST(self) -> None:  # noqa: N802 (http.server naming)
-                fake._handle(self)
+                if self.path.startswith(("/v1/files", "/v1/batches")):
+                    fake._batch_api(self)
+                else:
+                    fake._handle(self)
 
             def do_GET(self) -> None:  # noqa: N802
-                fake._list_models(self)
+                if self.path.startswith(("/v1/files", "/v1/batches")):
+                    fake._batch_api(self)
+                else:
+                    fake._list_models(self)
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
@@ -227,6 +243,76 @@ class FakeOpenAI:
         if body.get("response_format"):
             return json.dumps(scores)
         return "Here are the scores:\n```json\n" + json.dumps(scores) + "\n```"
+
+    def _batch_api(self, handler: BaseHTTPRequestHandler) -> None:
+        from email.parser import BytesParser
+        from email.policy import default
+
+        path = handler.path.rstrip("/")
+        raw = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        with self._lock:
+            if handler.command == "POST" and path == "/v1/files":
+                message = BytesParser(policy=default).parsebytes(
+                    b"Content-Type: " + handler.headers["Content-Type"].encode() + b"\r\n\r\n" + raw)
+                parts = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+                         for part in message.iter_parts()}
+                if parts.get("purpose") != b"batch" or "file" not in parts:
+                    return self._send(handler, 400, {"error": {"message": "purpose batch and a file are required"}})
+                file_id = f"file-{len(self.files)}"
+                self.files[file_id] = parts["file"]
+                return self._send(handler, 200, {"id": file_id, "object": "file", "purpose": "batch",
+                                                 "bytes": len(parts["file"])})
+            if handler.command == "POST" and path == "/v1/batches":
+                body = json.loads(raw)
+                if body.get("input_file_id") not in self.files or body.get("endpoint") != "/v1/chat/completions":
+                    return self._send(handler, 400, {"error": {"message": "bad batch request"}})
+                batch_id = f"batch_{len(self.batches)}"
+                lines = self.files[body["input_file_id"]].decode().splitlines()
+                self.batches[batch_id] = {"id": batch_id, "object": "batch", "status": "validating", "polls": 0,
+                                          "lines": [json.loads(line) for line in lines if line.strip()],
+                                          "request_counts": {"total": len(lines), "completed": 0, "failed": 0}}
+                return self._send(handler, 200, self._public(self.batches[batch_id]))
+            if handler.command == "GET" and path.startswith("/v1/batches/"):
+                batch = self.batches.get(path.rsplit("/", 1)[1])
+                if batch is None:
+                    return self._send(handler, 404, {"error": {"message": "no such batch"}})
+                batch["polls"] += 1
+                if batch["status"] != "completed":
+                    batch["status"] = "in_progress"
+                    if batch["polls"] >= self.batch_polls and not self.batch_hold:
+                        self._complete(batch)
+                return self._send(handler, 200, self._public(batch))
+            if handler.command == "GET" and path.startswith("/v1/files/") and path.endswith("/content"):
+                data = self.files.get(path.split("/")[3])
+                if data is None:
+                    return self._send(handler, 404, {"error": {"message": "no such file"}})
+                handler.send_response(200)
+                handler.send_header("Content-Type", "application/jsonl")
+                handler.send_header("Content-Length", str(len(data)))
+                handler.end_headers()
+                handler.wfile.write(data)
+                return None
+        return self._send(handler, 404, {"error": {"message": f"no route {handler.path}"}})
+
+    def _complete(self, batch: dict[str, Any]) -> None:
+        out = []
+        for line in batch["lines"]:
+            behaviour = self._script.pop(0) if self._script else self.default
+            if behaviour in ("500", "429"):
+                out.append({"custom_id": line["custom_id"], "response": {"status_code": int(behaviour), "body": {}}})
+                continue
+            text = self._answer(line["body"], behaviour)
+            out.append({"custom_id": line["custom_id"], "response": {"status_code": 200, "body": {
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 5}}}})
+        file_id = f"file-{len(self.files)}"
+        self.files[file_id] = "".join(json.dumps(record) + "\n" for record in out).encode()
+        batch.update(status="completed", output_file_id=file_id,
+                     request_counts={"total": len(out), "completed": len(out), "failed": 0})
+
+    @staticmethod
+    def _public(batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in batch.items() if k not in ("lines", "polls")}
 
     def _logprobs(self, text: str) -> list[dict[str, Any]]:
         import math

@@ -12,6 +12,7 @@ import pytest
 from fake_openai import FakeOpenAI, closed_port_url, decode_data_url, request_parts
 
 from gem.interfaces import BuildContext, ImageDataset
+from gem.score_cache import ScoreCache
 from gem.scoring import score_images
 from gem.plugins import Registry, make_plugin_manager
 from gem.recipe import RecipeError, validate_recipe
@@ -53,10 +54,11 @@ def key(monkeypatch):
 def make_oracle(server, key):
     made = []
 
-    def make(**overrides):
+    def make(context_dir=None, **overrides):
         options = OpenAIOracleOptions(**{"model": "fake-vision", "base_url": server.base_url, "api_key_env": key,
                                          "max_concurrency": 1, **FAST, **overrides})
-        oracle = OpenAIOracle(options, BuildContext(seed=0, run_dir=Path("."), cache_dir=Path(".")))
+        folder = Path(context_dir) if context_dir is not None else None
+        oracle = OpenAIOracle(options, BuildContext(seed=0, run_dir=Path("."), cache_dir=folder) if folder else None)
         made.append(oracle)
         return oracle
 
@@ -512,3 +514,44 @@ def test_expected_score_from_logprobs_and_a_reply_without_logprobs_keeps_the_tex
                                                       "top_logprobs": [{"token": " 3", "logprob": math.log(0.25)},
                                                                        {"token": "x", "logprob": math.log(0.25)}]}]
     np.testing.assert_allclose(digit_distribution(tokens, 7), [0, 0, 0, 1 / 3, 2 / 3, 0])
+
+
+# -- batch mode ---------------------------------------------------------------------------------
+
+def test_batch_mode_scores_through_one_batch_job(make_oracle, server, tmp_path):
+    images, truth = make_images(6)
+    oracle = make_oracle(submit="batch", batch_poll_seconds=0.01, context_dir=tmp_path)
+    np.testing.assert_array_equal(oracle.score(images, np.arange(6), ATTRS), truth)
+    assert len(server.requests) == 0 and len(server.batches) == 1  # no chat request: all in the job
+    (batch,) = server.batches.values()
+    assert len(batch["lines"]) == 6 and {line["url"] for line in batch["lines"]} == {"/v1/chat/completions"}
+    assert batch["lines"][0]["body"]["model"] == "fake-vision"
+    stats = oracle.stats()
+    assert stats["requests"] == 6 and stats["prompt_tokens"] == 600
+    with ScoreCache(tmp_path / "oracle_scores.sqlite") as cache:
+        assert cache.open_batches(oracle.cache_key) == []  # collected
+
+
+def test_a_killed_batch_run_polls_the_same_job_again_instead_of_paying_twice(make_oracle, server, tmp_path):
+    images, truth = make_images(5)
+    server.batch_hold = True
+    first = make_oracle(submit="batch", batch_poll_seconds=0.01, batch_max_wait=0.1, context_dir=tmp_path)
+    with pytest.raises(OracleError, match=r"batch batch_0 is still in_progress after batch_max_wait=0\.1 s; run the "
+                                          r"same command again"):
+        first.score(images, np.arange(5), ATTRS)
+    with ScoreCache(tmp_path / "oracle_scores.sqlite") as cache:
+        assert [batch for batch, _ in cache.open_batches(first.cache_key)] == ["batch_0"]
+    server.batch_hold = False
+    second = make_oracle(submit="batch", batch_poll_seconds=0.01, context_dir=tmp_path)
+    np.testing.assert_array_equal(second.score(images, np.arange(5), ATTRS), truth)
+    assert len(server.batches) == 1 and len(server.files) == 2  # one upload, one output: nothing paid twice
+    assert len(server.requests) == 0
+
+
+def test_what_a_batch_does_not_answer_is_asked_one_by_one(make_oracle, server, tmp_path):
+    images, truth = make_images(4)
+    server.script(["ok", "garbage", "500", "ok"])  # the job's four lines
+    oracle = make_oracle(submit="batch", batch_poll_seconds=0.01, context_dir=tmp_path)
+    np.testing.assert_array_equal(oracle.score(images, np.arange(4), ATTRS), truth)
+    assert len(server.requests) == 2  # the two lines without a score, sent as chat requests
+    assert oracle.stats()["retries"] == 2
