@@ -10,26 +10,36 @@ Prompt modes
     request per image and attribute, and reads a single digit. Images are sent as base64
     ``data:image/png;base64,...`` URL parts.
 
+Scheduling
+    One stream over the whole scoring, no batch barrier: up to the adaptive concurrency limit
+    of requests stay in flight (:mod:`gem_plugins.request_scheduler`: each 429 or refused
+    connection lowers it by one, answers raise it back towards ``max_concurrency``), retries
+    wait in a queue without holding a slot, a request slower than ``hedge_factor`` times the
+    median reply (at least 5 s) is sent once more and the first answer kept, and each image's
+    scores are handed on as soon as they are complete. ``submit: batch`` sends the whole scoring
+    as one OpenAI Batch job instead (:mod:`gem_plugins.openai_batch`).
+
 HTTP client
-    The standard library (``urllib.request``) on a ``concurrent.futures.ThreadPoolExecutor``
-    bounded by ``max_concurrency``. The oracle sends one small JSON POST per request, so it
-    needs nothing that ``httpx`` or the ``openai`` package would add, and neither is installed
-    with gem (``httpx`` is not a dependency of anything gem needs here): a standard-library
-    client means no extra to install, no version pinning against a fast-moving SDK, and full
-    control of retries, ``Retry-After`` and the request budget, which the oracle must count
-    itself anyway. Proxies from the environment are honoured except for loopback servers.
+    The standard library (``urllib.request``) on a thread pool. The oracle sends small JSON
+    POSTs, a few GETs and one multipart upload in batch mode, and counts, times and budgets every
+    request itself; the ``openai`` package would add a dependency pinned against a fast-moving
+    SDK, and its retries would have to be switched off and its exceptions mapped back, without
+    removing that code. Proxies from the environment are honoured except for loopback servers.
 
 Failures
-    429, 408/409/425, 5xx, time-outs and connection errors are retried with exponential
-    backoff and jitter (``backoff_base * 2**attempt``, capped at ``backoff_max``), honouring
-    ``Retry-After`` (seconds or an HTTP date, also capped). A reply that is not a valid 0-5 score
-    for every attribute is asked again; after ``max_retries`` retries what is still invalid is
-    recorded as missing (NaN, never 0). 401/403/404 stop the run at once (a wrong key, model
-    or URL fails every request the same way), and so does a batch in which every request
-    failed without any HTTP response (server unreachable): the error names the URL and the
-    last error, rather than handing on an all-NaN score matrix. Other 4xx are not retried. ``max_requests``
-    caps the HTTP requests of the whole run; once spent, the remaining scores are missing and
-    a warning says how many.
+    A free ``GET <base_url>/models`` comes first: a refused connection or DNS failure stops the
+    run in seconds naming the URL, and so does a rejected key. 429, 408/409/425, 5xx, time-outs
+    and connection errors are retried with exponential backoff and jitter (``backoff_base *
+    2**attempt``, capped at ``backoff_max``), never sooner than ``Retry-After`` (seconds or an
+    HTTP date, also capped). A reply that holds some of the asked attributes is used and only the
+    missing ones are asked again; after ``max_retries`` retries what is still invalid is recorded
+    as missing (NaN, never 0). When more than half of the first 16 replies hold no readable score
+    the run stops and shows one. 401/403/404 stop the run at once (a wrong key, model or URL
+    fails every request the same way), and so does a request that never got an HTTP response
+    while no other request got one either (server gone): the error names the URL and the last
+    error, rather than handing on an all-NaN score matrix. Other 4xx are not retried.
+    ``max_requests`` caps the HTTP requests of the whole run (hedges included); once spent, the
+    remaining scores are missing and a warning says how many.
 
 The API key is read from the environment variable named by ``api_key_env`` when the oracle is
 built; it is kept out of ``repr``, ``stats``, ``cache_key``, logs and error messages.
