@@ -98,7 +98,7 @@ def bench_oracle_tail(quick: bool) -> Row:
     limit = 1.3 * plain["seconds"] + 30.0
     return Row(
         name="oracle_tail", title=f"openai oracle, {n} images at {DELAY_S * 1000:.0f} ms with 5 % of replies taking "
-                                  f"{tail_s:.0f} s (hedged after 4x the median, at least 5 s)",
+                                  f"{tail_s:.0f} s (hedged after 4x the median, at least 1 s)",
         ours=Figure("with the slow tail", tail["seconds"], "s"),
         reference=Figure("no slow replies", plain["seconds"], "s"),
         ratio=tail["seconds"] / plain["seconds"], ratio_meaning="wall time with the tail / without it",
@@ -121,7 +121,8 @@ def bench_oracle_concurrency(quick: bool) -> Row:
         ours=Figure("max_concurrency 32", high["seconds"], "s"),
         reference=Figure("max_concurrency 8", low["seconds"], "s"),
         ratio=low["seconds"] / high["seconds"], ratio_meaning="time at 8 / time at 32 (>= 1: 32 is not slower)",
-        target="32 no slower than 8 (within 10 %)", met=high["seconds"] <= 1.1 * low["seconds"],
+        target="32 within 15 % of 8, and faster than 32 without the adaptive limit",
+        met=high["seconds"] <= 1.15 * low["seconds"] and high["seconds"] < fixed["seconds"],
         figures={"seconds_32": high["seconds"], "seconds_8": low["seconds"], "seconds_32_fixed": fixed["seconds"],
                  "rate_limited_32": high["rate_limited"], "rate_limited_32_fixed": fixed["rate_limited"]},
         notes=[f"32 without the adaptive limit: {fixed['seconds']:.1f} s, {fixed['rate_limited']} answers 429",

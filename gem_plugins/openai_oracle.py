@@ -15,7 +15,8 @@ Scheduling
     of requests stay in flight (:mod:`gem_plugins.request_scheduler`: each 429 or refused
     connection lowers it by one, answers raise it back towards ``max_concurrency``), retries
     wait in a queue without holding a slot, a request slower than ``hedge_factor`` times the
-    median reply (at least 5 s) is sent once more and the first answer kept, and each image's
+    median reply (at least 1 s; at most one request in ten) is sent once more and the first
+    answer kept, and each image's
     scores are handed on as soon as they are complete. ``submit: batch`` sends the whole scoring
     as one OpenAI Batch job instead (:mod:`gem_plugins.openai_batch`).
 
@@ -121,8 +122,9 @@ class OpenAIOracleOptions:
     max_concurrency: int = 8
     """Most requests in flight at once; fewer while the server answers 429 or refuses connections."""
     hedge_factor: Optional[float] = 4.0
-    """A request slower than this many times the median reply (and at least 5 s) is sent once more
-    and the first answer is kept; null: never (each hedge is one more paid request)."""
+    """A request slower than this many times the median reply (and at least 1 s) is sent once more
+    and the first answer is kept, for at most 10 % of the requests; null: never (each hedge is one
+    more paid request)."""
     preflight: bool = True
     """Ask GET <base_url>/models (free) before scoring, so a wrong URL or key fails in seconds."""
     structured: bool = True
@@ -327,6 +329,7 @@ class _Task:
     outcome: str = "invalid"
     last_error: str = ""
     hedge: bool = False
+    hedges: int = 0
     queued: bool = False
     done: bool = False
 
@@ -337,6 +340,7 @@ class _Task:
 @dataclass
 class _Attempt:
     task: _Task
+    submitted: float = 0.0
     started: Optional[float] = None
     straggler: bool = False
 
@@ -346,6 +350,13 @@ class OpenAIOracle(RelationOracle):
 
     #: Replies looked at before deciding that the model's answers cannot be read at all.
     READABILITY_WINDOW = 16
+    #: Largest share of the requests sent that may be hedges (a server that slows down as a
+    #: whole must not double the bill).
+    MAX_HEDGED = 0.1
+    #: A hedge that is slow too is hedged once more, but no further.
+    MAX_HEDGES_PER_TASK = 2
+    #: Threads for requests that were hedged and still wait for their own reply.
+    STRAGGLER_THREADS = 128
 
     def __init__(self, options: OpenAIOracleOptions, context: Optional[BuildContext] = None):
         self.options = options
@@ -364,8 +375,10 @@ class OpenAIOracle(RelationOracle):
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback(host) else []
         self._opener = urllib.request.build_opener(*handlers)
         self.cache_key = self.key_for(options)
-        # Twice the concurrency: a straggler keeps its thread while its hedge runs on another.
-        self._pool = ThreadPoolExecutor(max_workers=2 * options.max_concurrency, thread_name_prefix="gem-openai")
+        # A straggler keeps its thread until it answers or times out while its hedge runs on
+        # another, so the pool has room for many of them beyond the requests in flight.
+        self._pool = ThreadPoolExecutor(max_workers=options.max_concurrency + self.STRAGGLER_THREADS,
+                                        thread_name_prefix="gem-openai")
         self._lock = threading.Lock()
         self._counts = {"requests": 0, "retries": 0, "hedged": 0, "failures": 0, "rate_limited": 0,
                         "server_errors": 0, "transport_errors": 0, "invalid_replies": 0, "prompt_tokens": 0,
@@ -496,6 +509,7 @@ class OpenAIOracle(RelationOracle):
         running: dict[Future, _Attempt] = {}
         ticket = itertools.count()
         exhausted = False
+        self._concurrency.probing = True
         done_tasks: list[_Task] = []
 
         def retry_later(task: _Task, retry_after: Optional[float]) -> None:
@@ -523,6 +537,7 @@ class OpenAIOracle(RelationOracle):
                         task = next(source, None)
                         if task is None:
                             exhausted = True
+                            self._concurrency.probing = False
                             continue
                     else:
                         break
@@ -544,7 +559,7 @@ class OpenAIOracle(RelationOracle):
                     if not task.first_sent:
                         task.first_sent = now
                     task.in_flight += 1
-                    attempt = _Attempt(task)
+                    attempt = _Attempt(task, submitted=now)
                     running[self._pool.submit(self._attempt, attempt)] = attempt
                     active += 1
                 for task in done_tasks:
@@ -555,21 +570,23 @@ class OpenAIOracle(RelationOracle):
                 if exhausted and not ready and not waiting and all(a.task.done for a in running.values()):
                     return  # stragglers whose hedge answered are not waited for
                 # A straggler is sent again once; it keeps running but no longer holds a slot.
-                late = self._latency.straggler_after()
+                with self._lock:
+                    room = self._counts["hedged"] < self.MAX_HEDGED * self._counts["requests"]
+                late = self._latency.straggler_after() if room else float("inf")
                 next_check = float("inf")
                 for attempt in running.values():
-                    if (attempt.straggler or attempt.started is None or attempt.task.in_flight > 1
-                            or attempt.task.queued):
+                    if attempt.straggler or attempt.task.queued or attempt.task.hedges >= self.MAX_HEDGES_PER_TASK:
                         continue
-                    due = attempt.started + late
-                    if due <= now:
+                    due = (attempt.started or attempt.submitted) + late
+                    if due <= now and attempt.started is not None:
                         attempt.straggler = True
                         attempt.task.hedge = attempt.task.queued = True
+                        attempt.task.hedges += 1
                         ready.appendleft(attempt.task)
                         with self._lock:
                             self._counts["hedged"] += 1
                     else:
-                        next_check = min(next_check, due)
+                        next_check = min(next_check, max(due, now + 0.01))
                 active = sum(not a.straggler for a in running.values())
                 if ready and active < self._concurrency.limit:
                     continue

@@ -1,7 +1,7 @@
 """Flow control for remote oracles: how many requests to keep in flight, and when one is late.
 
 :class:`AdaptiveConcurrency` grows slowly and shrinks fast: every answer raises the limit by
-about one per round of requests, and every sign of overload (HTTP 429, a
+about one per round of requests (then more slowly once the server has pushed back), and every sign of overload (HTTP 429, a
 refused connection) lowers it by one, within 1 and the user's ``max_concurrency``. So a high
 ``max_concurrency`` settles at what the server accepts instead of spending its time on rejected
 requests and their back-off.
@@ -25,14 +25,21 @@ class AdaptiveConcurrency:
     It starts at ``start`` (at most ``maximum``) and, until the server first turns a request
     away, every answer raises it by one (doubling it every round, TCP's slow start). Each
     rejected request lowers it by one: when ``k`` of ``n`` requests in flight are turned away,
-    the server took about ``n - k``, and that is where the limit lands. From then on each answer
-    raises it by ``1 / limit``, about one per round of requests, to probe for more room.
+    the server took about ``n - k``, and that is where the limit lands. From then on it grows by
+    one every :attr:`PROBE_ROUNDS` rounds of requests, to probe for more room, while ``probing``
+    (the scheduler turns it off once every request has been sent: a probe then only delays the
+    last answers).
     """
+
+    #: After the first rejection the limit grows by one every this many rounds: each probe past
+    #: what the server takes costs one rejected request and its Retry-After wait.
+    PROBE_ROUNDS = 4
 
     def __init__(self, maximum: int, start: int = 8):
         self.maximum = int(maximum)
         self._limit = float(min(start, maximum))
         self.rejections = 0
+        self.probing = True
         self._lock = threading.Lock()
 
     @property
@@ -41,7 +48,9 @@ class AdaptiveConcurrency:
 
     def on_success(self) -> None:
         with self._lock:
-            step = 1.0 if not self.rejections else 1.0 / max(self._limit, 1.0)
+            if self.rejections and not self.probing:
+                return
+            step = 1.0 if not self.rejections else 1.0 / (self.PROBE_ROUNDS * max(self._limit, 1.0))
             self._limit = min(float(self.maximum), self._limit + step)
 
     def on_overload(self) -> None:
@@ -54,7 +63,7 @@ class AdaptiveConcurrency:
 class LatencyTracker:
     """Median of the last ``window`` reply times, and the straggler threshold derived from it."""
 
-    def __init__(self, factor: Optional[float], floor: float = 5.0, min_samples: int = 8, window: int = 200):
+    def __init__(self, factor: Optional[float], floor: float = 1.0, min_samples: int = 8, window: int = 200):
         self.factor = factor
         self.floor = floor
         self.min_samples = min_samples

@@ -237,7 +237,7 @@ def fake_server():
 
 def openai_section(server, **extra):
     return {"plugin": "openai", "model": "fake-vision", "base_url": server.base_url, "api_key_env": "GEM_FAULT_KEY",
-            "backoff_base": 0.001, "backoff_max": 0.01, **extra}
+            "backoff_base": 0.001, "backoff_max": 0.01, "hedge_factor": None, **extra}  # exact request counts
 
 
 def requested_hashes(requests) -> set:
@@ -282,7 +282,7 @@ def test_random_429_500_timeouts_and_garbage_every_score_accounted_for(tmp_path,
     images = rng.integers(0, 256, size=(30, 16, 16, 3), dtype=np.uint8)
     oracle = OpenAIOracle(OpenAIOracleOptions(model="fake", base_url=fake_server.base_url, api_key_env="GEM_FAULT_KEY",
                                               timeout=0.25, max_retries=2, backoff_base=0.001, backoff_max=0.01,
-                                              max_concurrency=4))
+                                              max_concurrency=4, hedge_factor=None))
     with ScoreCache(tmp_path / "s.sqlite") as cache:
         scores, _ = score_images(oracle, ImageDataset(images, ATTRS), np.arange(30), 10, cache, show_progress=False)
         stats = oracle.stats()

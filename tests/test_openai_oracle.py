@@ -55,8 +55,10 @@ def make_oracle(server, key):
     made = []
 
     def make(context_dir=None, **overrides):
+        # No hedging unless a test asks for it: on a busy machine one slow fake reply would add a
+        # request to the exact counts these tests check.
         options = OpenAIOracleOptions(**{"model": "fake-vision", "base_url": server.base_url, "api_key_env": key,
-                                         "max_concurrency": 1, **FAST, **overrides})
+                                         "max_concurrency": 1, "hedge_factor": None, **FAST, **overrides})
         folder = Path(context_dir) if context_dir is not None else None
         oracle = OpenAIOracle(options, BuildContext(seed=0, run_dir=Path("."), cache_dir=folder) if folder else None)
         made.append(oracle)
@@ -372,8 +374,8 @@ def test_a_slow_straggler_is_hedged_and_the_first_answer_kept(make_oracle, serve
     images, truth = make_images(12)
     server.slow_seconds = 3.0
     server.script(["ok"] * 10 + ["slow"])  # the 11th request would take 3 s
-    oracle = make_oracle(max_concurrency=1)
-    oracle._latency.floor = 0.2  # the default floor (5 s) would make this test slow
+    oracle = make_oracle(max_concurrency=1, hedge_factor=4.0)
+    oracle._latency.floor = 0.2  # the default floor (1 s) would make this test slower
     start = time.monotonic()
     np.testing.assert_array_equal(oracle.score(images, np.arange(12), ATTRS), truth)
     assert time.monotonic() - start < 2.5
@@ -412,13 +414,18 @@ def test_adaptive_concurrency_starts_small_lands_on_what_the_server_took_and_pro
     for _ in range(24):  # 32 sent, 24 turned away: the server took 8
         limit.on_overload()
     assert limit.limit == 8
-    for _ in range(9):  # from now on about one more per round of answers
+    for _ in range(4 * 8 + 2):  # from now on one more every four rounds of answers
         limit.on_success()
     assert limit.limit == 9
+    limit.probing = False  # every request sent: a probe would only delay the last answers
+    for _ in range(100):
+        limit.on_success()
+    assert limit.limit == 9
+    limit.probing = True
     for _ in range(20):
         limit.on_overload()
     assert limit.limit == 1  # never below one
-    for _ in range(5000):
+    for _ in range(20000):
         limit.on_success()
     assert limit.limit == 64  # never above max_concurrency
 

@@ -157,7 +157,8 @@ def test_openai_oracle_against_a_fake_server_then_all_from_the_cache(tmp_path, r
     with FakeOpenAI(ATTRS, scorer) as server:
         data = recipe_data(tmp_path, n_images=n)
         data["oracle"] = {"plugin": "openai", "model": "fake-vision", "base_url": server.base_url,
-                          "api_key_env": None, "max_concurrency": 4, "backoff_base": 0.01, "backoff_max": 0.05}
+                          "api_key_env": None, "max_concurrency": 4, "backoff_base": 0.01, "backoff_max": 0.05,
+                          "hedge_factor": None}  # exact request counts
         recipe = validate_recipe(data, registry)
         first = evaluate_oracle(recipe, registry, tmp_path / "eval1", show_progress=False)
         assert len(server.requests) == n  # per_image: one request per image

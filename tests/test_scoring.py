@@ -114,7 +114,8 @@ def openai_recipe(tiny_recipe, tmp_path, monkeypatch):
     server = FakeOpenAI(attrs, lambda attribute, image: int(image[5, 5, attrs.index(attribute) % 3]) * 6 // 256)
     with server:
         tiny_recipe["oracle"] = {"plugin": "openai", "model": "fake-vision", "base_url": server.base_url,
-                                 "api_key_env": "GEM_TEST_KEY", "backoff_base": 0.01, "backoff_max": 0.05}
+                                 "api_key_env": "GEM_TEST_KEY", "backoff_base": 0.01, "backoff_max": 0.05,
+                                 "hedge_factor": None}  # exact request counts
         tiny_recipe["scoring"]["n_images"] = 40
         tiny_recipe["training"].update(steps=4, warmup_steps=2)
         path = tmp_path / "openai.yaml"
