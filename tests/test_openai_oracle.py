@@ -562,3 +562,21 @@ def test_what_a_batch_does_not_answer_is_asked_one_by_one(make_oracle, server, t
     np.testing.assert_array_equal(oracle.score(images, np.arange(4), ATTRS), truth)
     assert len(server.requests) == 2  # the two lines without a score, sent as chat requests
     assert oracle.stats()["retries"] == 2
+
+
+def test_refused_connections_lower_the_concurrency_and_are_retried(make_oracle, server, monkeypatch):
+    from gem_plugins.openai_oracle import _TransportError
+
+    images, truth = make_images(10)
+    oracle = make_oracle(max_concurrency=8)
+    real_chat, refused = oracle._chat, []
+
+    def flaky_chat(body):
+        if len(refused) < 3:  # the server's backlog is full for the first three connections
+            refused.append(1)
+            raise _TransportError("Connection refused", refused=True)
+        return real_chat(body)
+
+    monkeypatch.setattr(oracle, "_chat", flaky_chat)
+    np.testing.assert_array_equal(oracle.score(images, np.arange(10), ATTRS), truth)
+    assert oracle._concurrency.rejections == 3 and oracle.stats()["retries"] == 3
