@@ -42,12 +42,11 @@ COLUMNS = [
 
 
 def lookup(metrics: dict, path: str) -> float:
-    value = metrics
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return float("nan")
-        value = value[part]
-    return float(value) if isinstance(value, (int, float)) else float("nan")
+    """The number at a dotted path of metrics.json (NaN where there is none), as gem compare reads it."""
+    from gem.compare import _get
+
+    value = _get(metrics, path)
+    return float("nan") if value is None else value
 
 
 def run_method(method: str, steps: list[int], out: Path, base_overrides: list[str], recipe: str) -> dict[int, dict]:
