@@ -464,6 +464,13 @@ def plan_sweep(base: dict, key: str, values: Sequence[str], methods: Sequence[st
             planned[value] = (data, plan_runs(data, methods, seeds, out / f"{key}={value}", variants, registry))
         except RecipeError as exc:
             raise RecipeError(f"--sweep {key}={value}: {exc}") from None
+    for method in methods:  # a method whose recipe drops the key would repeat one run per value
+        seen = {repr(_lookup(run_data, key)) for _, plan in planned.values()
+                for record, run_data in plan if record.variant == method}
+        if len(values) > 1 and len(seen) == 1:
+            logger.warning(f"gem compare: --sweep {key}: method {method!r} does not take this value (its recipe "
+                           f"keeps {next(iter(seen))} at every value), so its runs do not change along the sweep; "
+                           f"define a method that sets the key itself with --variant")
     return planned
 
 

@@ -179,3 +179,24 @@ def test_sweep_runs_one_comparison_per_value_and_plots_against_it(tiny_recipe, t
     again = sweep(tiny_recipe, "dataset.strength", ["0", "0.5"], ["beta_vae"], [0], out, jobs=1, threads=1,
                   eval_settings=settings, log=lambda line: None)
     assert [r.status for recs in again.values() for r in recs] == ["reused", "reused"]
+
+
+def test_a_sweep_warns_about_a_method_whose_recipe_drops_the_swept_key(tmp_path):
+    import logging
+
+    from gem.compare import plan_sweep
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("gem")
+    logger.addHandler(handler)
+    try:
+        plan_sweep(DEFAULT_RECIPE, "extractor.beta", ["1", "16"], ["gem", "beta_vae"], [0], tmp_path, VARIANTS)
+        warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "method 'beta_vae' does not take this value" in warned[0]
+        records.clear()
+        plan_sweep(DEFAULT_RECIPE, "dataset.strength", ["0", "0.9"], ["gem", "beta_vae"], [0], tmp_path, VARIANTS)
+        assert not [r for r in records if r.levelno == logging.WARNING]
+    finally:
+        logger.removeHandler(handler)
