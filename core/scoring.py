@@ -53,9 +53,7 @@ def score_images(oracle: RelationOracle, dataset: ImageDataset, indices: np.ndar
     columns = dict(asks)
     estimate = getattr(oracle, "estimate", None)
     if asks and estimate is not None and getattr(oracle, "options", None) is not None:
-        shape = tuple(np.asarray(dataset.images[indices[0]]).shape[:2])
-        logger.info("scores: " + format_estimate(estimate(oracle.options, [(shape, [attributes[j] for j in cols])
-                                                                           for _, cols in asks])))
+        logger.info("scores: " + _estimate_line(estimate, oracle.options, dataset, indices, asks))
     requests = (ScoreRequest(row, np.asarray(dataset.images[indices[row]]), int(indices[row]),
                              tuple(attributes[j] for j in cols)) for row, cols in asks)
     answered: list[tuple[int, tuple[int, ...], np.ndarray]] = []
@@ -124,6 +122,14 @@ def format_estimate(estimate: dict[str, Any]) -> str:
     return line + "; retries and hedged requests come on top"
 
 
+def _estimate_line(estimate: Any, options: Any, dataset: ImageDataset, indices: np.ndarray,
+                   asks: list[tuple[int, tuple[int, ...]]]) -> str:
+    """:func:`format_estimate` of an oracle's ``estimate(options, asks)`` for these missing scores."""
+    shape = tuple(np.asarray(dataset.images[indices[0]]).shape[:2])
+    attributes = list(dataset.attributes)
+    return format_estimate(estimate(options, [(shape, [attributes[j] for j in cols]) for _, cols in asks]))
+
+
 def scoring_plan(recipe: Recipe, registry: Any, dataset: ImageDataset, indices: np.ndarray) -> str:
     """What scoring ``indices`` with the recipe's oracle would ask, sending nothing and building
     no oracle (no API key or model needed): cached scores, requests, tokens and cost."""
@@ -143,8 +149,7 @@ def scoring_plan(recipe: Recipe, registry: Any, dataset: ImageDataset, indices: 
             f"{scores.size:,} scores cached, {len(asks):,} images to ask")
     estimate = getattr(registration.factory, "estimate", None)
     if estimate is not None and asks:
-        shape = tuple(np.asarray(dataset.images[indices[0]]).shape[:2])
-        line += ": " + format_estimate(estimate(options, [(shape, [attributes[j] for j in cols]) for _, cols in asks]))
+        line += ": " + _estimate_line(estimate, options, dataset, indices, asks)
     elif asks:
         line += " (a local oracle: no requests are paid for)"
     return line

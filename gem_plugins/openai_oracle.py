@@ -610,7 +610,7 @@ class OpenAIOracle(RelationOracle):
         if task.url is None:
             task.url = encode_image(task.image, self.options.image_format)
         missing = task.missing() or task.prompt_attributes
-        prompt = image_prompt(missing) if self.options.prompt_mode == "per_image" else attribute_prompt(missing[0])
+        prompt = self._prompt(missing)
         text, logprobs = self._chat(self._body(task.url, prompt, missing))
         return text, logprobs, time.monotonic() - attempt.started
 
@@ -711,8 +711,7 @@ class OpenAIOracle(RelationOracle):
                     continue
                 task.url = task.url or encode_image(task.image, self.options.image_format)
                 attributes = task.prompt_attributes
-                prompt = (image_prompt(attributes) if self.options.prompt_mode == "per_image"
-                          else attribute_prompt(attributes[0]))
+                prompt = self._prompt(attributes)
                 lines.append({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
                               "body": self._body(task.url, prompt, attributes)})
             if lines:
@@ -816,6 +815,10 @@ class OpenAIOracle(RelationOracle):
         if listed and self.options.model not in listed:
             log.warning("openai oracle: the server at %s does not list model %r (it lists %s)",
                         self.options.base_url, self.options.model, ", ".join(map(str, listed[:8])))
+
+    def _prompt(self, attributes: list[str]) -> str:
+        """The question of one request: every attribute (per_image) or the one asked (per_attribute)."""
+        return image_prompt(attributes) if self.options.prompt_mode == "per_image" else attribute_prompt(attributes[0])
 
     def _body(self, url: str, prompt: str, attributes: list[str]) -> dict[str, Any]:
         o = self.options

@@ -72,9 +72,6 @@ class LatencyTracker:
     def add(self, seconds: float) -> None:
         self._samples.append(seconds)
 
-    def median(self) -> Optional[float]:
-        return statistics.median(self._samples) if self._samples else None
-
     def straggler_after(self) -> float:
         """Seconds after which a request counts as a straggler (inf: hedging off or too few samples)."""
         if self.factor is None or len(self._samples) < self.min_samples:
