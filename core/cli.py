@@ -297,6 +297,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    add_help=False)
     sub.add_parser("compare", help="train several methods on the same data and seeds and tabulate them",
                    add_help=False)
+    sub.add_parser("explore", help="a local web page to move a run's attributes and watch its relation graph",
+                   add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:
         return run_main(argv[1:], prog="gem run")
@@ -308,6 +310,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from gem.compare import compare_main
 
         return compare_main(argv[1:])
+    if argv[:1] == ["explore"]:
+        from gem.explore import explore_main
+
+        return explore_main(argv[1:])
     if argv[:1] == ["oracle-eval"]:
         from gem.oracle_eval import oracle_main
 

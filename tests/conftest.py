@@ -40,3 +40,34 @@ def tiny_recipe(tmp_path):
     data["cache_dir"] = str(tmp_path / "cache")
     data["out"] = str(tmp_path / "runs")
     return data
+
+
+def _train_tiny(tmp_path_factory, name: str, **sections) -> Path:
+    import copy
+
+    import yaml
+
+    from gem.cli import run_main
+
+    tmp = tmp_path_factory.mktemp(name)
+    recipe = dict(copy.deepcopy(TINY_RECIPE), cache_dir=str(tmp / "cache"), out=str(tmp / "runs"))
+    recipe["training"] = dict(recipe["training"], steps=8, warmup_steps=4)
+    recipe.update(sections)
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_dir = tmp / "run"
+    assert run_main([str(path), "--out", str(run_dir), "-q"]) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def trained_gem_run(tmp_path_factory) -> Path:
+    """A finished tiny GEM run folder (bound latents, a learned graph with edges), made once per session."""
+    return _train_tiny(tmp_path_factory, "gem-run")
+
+
+@pytest.fixture(scope="session")
+def trained_baseline_run(tmp_path_factory) -> Path:
+    """A finished tiny β-VAE run folder with the flat baselines' identity graph."""
+    extractor = {"plugin": "beta_vae", "image_size": 32, "channels": 8, "hidden": 32, "lr": 1e-3}
+    return _train_tiny(tmp_path_factory, "baseline-run", extractor=extractor, graph={"plugin": "identity"})
