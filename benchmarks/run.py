@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _benchmarks() -> dict[str, Callable[[bool], Row]]:
     """Name -> benchmark function, in the table's order (imported lazily: torch is slow to import)."""
     from bench_data import bench_data, bench_loader_step
+    from bench_explore import bench_explore
     from bench_llava import bench_llava
     from bench_memory import bench_memory_celeba, bench_memory_run
     from bench_oracle import bench_oracle, bench_oracle_concurrency, bench_oracle_tail
@@ -56,6 +57,7 @@ def _benchmarks() -> dict[str, Callable[[bool], Row]]:
         "memory_celeba": bench_memory_celeba,
         "startup": bench_startup,
         "threads": bench_threads,
+        "explore": bench_explore,
     }
     import torch
 

@@ -59,7 +59,7 @@ def _commands_in(text: str) -> list[str]:
             continue
         if words[0] == "gem" and (len(words) < 2 or words[1] == "="):  # the entry-point table, not a command
             continue
-        if words == ["gem", "eval"]:  # the subcommand's name in prose; it always takes a run folder
+        if words in (["gem", "eval"], ["gem", "explore"]):  # a subcommand's name in prose; both take a run folder
             continue
         if PLACEHOLDER.search(line.replace("--set", "")):
             continue

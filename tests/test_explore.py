@@ -218,3 +218,27 @@ def test_listening_on_every_interface_prints_a_warning(trained_gem_run):
     process.kill()
     process.communicate()
     assert "WARNING: listening on 0.0.0.0" in lines[0] and "anyone who can reach this machine" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def diffusion_run(tmp_path_factory):
+    from conftest import _train_tiny
+
+    extractor = {"plugin": "ivae_ddpm", "image_size": 32, "channels": 8, "hidden": 32, "lr": 2e-3,
+                 "unet_channels": 8, "unet_mults": [1, 2], "unet_blocks": 1, "sample_steps": 3}
+    return _train_tiny(tmp_path_factory, "diffusion-run", extractor=extractor)
+
+
+def test_a_run_with_a_diffusion_sampler_offers_it(diffusion_run):
+    explorer = Explorer(load_run(diffusion_run))
+    decoders = {d["name"]: d["note"] for d in explorer.info()["decoders"]}
+    assert decoders["decoder"] is None and "seconds per image" in decoders["diffusion"]
+    names = explorer.attributes
+    request = {"code": {names[0]: 2.0}, "mode": "both"}
+    sampled = explorer.decode({**request, "decoder": "diffusion"})
+    plain = explorer.decode(request)
+    assert sampled["decoder"] == "diffusion" and sampled["inputs"] == plain["inputs"]
+    assert not np.array_equal(pixels(sampled["images"]["relation"]), pixels(plain["images"]["relation"]))
+    # The sampler is deterministic (DDIM, fixed noise): the same code gives the same image.
+    again = explorer.decode({**request, "decoder": "diffusion"})
+    assert np.array_equal(pixels(again["images"]["relation"]), pixels(sampled["images"]["relation"]))
