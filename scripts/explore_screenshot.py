@@ -27,7 +27,13 @@ def main() -> None:
     parser.add_argument("--browser", default=shutil.which("chromium") or shutil.which("chromium-browser"))
     args = parser.parse_args()
 
-    from playwright.sync_api import sync_playwright
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise SystemExit("this script needs the playwright package: pip install playwright "
+                         "(it drives the system Chromium; apt install chromium)") from None
+    if not args.browser:
+        raise SystemExit("no Chromium found: apt install chromium, or pass --browser PATH")
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=args.browser, headless=True, args=ARGS)
