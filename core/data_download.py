@@ -648,9 +648,9 @@ def _verify_folder(folder: Path, remote: RemoteFile) -> tuple[bool, str]:
     expected = remote.n_files if remote.n_files is not None else record.get("files")
     if expected is not None and count < expected:
         return False, f"BAD     {target}/: {count} files, expected {expected}"
-    if expected is None:
-        return True, (f"OK      {target}/ ({count} files; no published checksum or file count, so only "
-                      f"its presence is checked)")
+    if remote.n_files is None:
+        when = f"{count} files, as when unpacked" if expected is not None else f"{count} files"
+        return True, f"OK      {target}/ ({when}; no published checksum or file count to check it against)"
     if not record:
         _write_record(folder, remote.name, {**_entry(None, remote), "checked": ["file count"],
                                             "unpacked": remote.unpack_to, "files": count})
