@@ -742,8 +742,8 @@ def data_main(argv: Optional[Sequence[str]] = None) -> int:
             print(line)
         if not ok:
             raise ChecksumError(f"{args.name}: verification failed: "
-                                + "; ".join(line.split(None, 1)[1] for line in lines
-                                            if line.startswith(("BAD", "MISSING"))))
+                                + "; ".join(line.lower().split(None, 1)[0] + " " + line.split(None, 1)[1]
+                                            for line in lines if line.startswith(("BAD", "MISSING"))))
         return 0
 
     return guard(run, args.debug, "gem data")

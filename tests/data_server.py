@@ -78,7 +78,9 @@ class DataServer:
         path, query = url.path, parse_qs(url.query)
         shown = path  # what the request log records: the path asked for
         if path == "/uc" and "id" in query:  # Drive: the confirm page of a large file
-            target = self.drive[query["id"][0]]
+            if query["id"][0] not in self.drive:
+                self._send(h, path, 404, b"no such file", "text/plain")
+                return
             page = (f'<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head><body>'
                     f'<form id="download-form" action="/download" method="get">'
                     f'<input type="hidden" name="id" value="{query["id"][0]}">'
