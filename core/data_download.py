@@ -537,9 +537,12 @@ def _install(source: DataSource, remote: RemoteFile, root: Path, mirror: Optiona
         target = root / remote.unpack_to
         if target.is_dir() and record and record.get("unpacked"):
             return f"{target}: present (unpacked from {remote.name}, verified {'+'.join(record['checked'])})"
-        if target.exists():
-            raise DownloadError(f"{label}: {target} exists but was not unpacked by gem data download; check it "
-                                f"with `gem data verify {label} --root {root}`, or move it away and run again")
+        if target.exists():  # filled by hand: check it, never overwrite it
+            good, line = _verify_folder(root, remote)
+            if good:
+                return line.split(None, 1)[1] + " (already there, not downloaded)"
+            raise DownloadError(f"{label}: {target} is there but incomplete ({line.split(None, 1)[1]}); move it "
+                                f"away and run the same command again to download it")
     elif final.is_file():
         problem, digests = _mismatch(final, remote, label)
         if problem is None:
