@@ -373,3 +373,20 @@ def test_gem_run_of_a_recipe_without_its_data_ends_with_the_fix(tmp_path, monkey
     assert code == 2
     lines = err.getvalue().splitlines()
     assert lines[-2] == "fix: gem data download dsprites --root data/dsprites"
+
+
+def test_a_celeba_folder_filled_by_hand_is_checked_not_overwritten(table, server, tmp_path):
+    from data_fixtures import write_celeba
+
+    root = tmp_path / "celeba"
+    write_celeba(root, n=20)
+    status, out, err = gem("data", "download", "celeba", "--root", str(root))
+    assert status == 0, err
+    assert "20 files, as published" in out and "already there, not downloaded" in out
+    assert not server.requests  # the hand-written text files are the served ones: verified, not fetched
+
+    other = tmp_path / "other"
+    write_celeba(other, n=20)
+    (other / "img_align_celeba" / "000007.jpg").unlink()
+    status, _, err = gem("data", "download", "celeba", "--root", str(other))
+    assert status == 2 and "19 files, expected 20" in err and "move it away" in err
