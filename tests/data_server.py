@@ -131,14 +131,16 @@ class DataServer:
             h.send_header(k, v)
         h.end_headers()
         payload = body if cut is None else body[:cut]
+        # Logged before the body goes out: the client may be done before this thread runs again.
+        request = Request(path, range_, status, len(payload))
+        self.requests.append(request)
         try:
             h.wfile.write(payload)
             h.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            payload = b""
+            request.sent = 0
         if cut is not None:
             h.close_connection = True
-        self.requests.append(Request(path, range_, status, len(payload)))
 
 
 def _digests(data: bytes) -> dict[str, str]:
