@@ -295,6 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub.add_parser("eval", help="evaluate a finished run folder (metrics, figures, report)", add_help=False)
     sub.add_parser("oracle-eval", help="score images with the recipe's oracle and compare with the data set's labels",
                    add_help=False)
+    sub.add_parser("data", help="download, verify and list the data sets of the recipes", add_help=False)
     sub.add_parser("compare", help="train several methods on the same data and seeds and tabulate them",
                    add_help=False)
     sub.add_parser("explore", help="a local web page to move a run's attributes and watch its relation graph",
@@ -306,6 +307,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from gem.eval_command import eval_main
 
         return eval_main(argv[1:])
+    if argv[:1] == ["data"]:
+        from gem.data_download import data_main
+
+        return data_main(argv[1:])
     if argv[:1] == ["compare"]:
         from gem.compare import compare_main
 

@@ -102,17 +102,21 @@ class MissingDataError(GemError, FileNotFoundError):
     where : the folder or file that was searched.
     expected : what should be there, one entry per line of the message (paths or short notes).
     detail : what went wrong; defaults to "data not found".
-    hint : a last line, e.g. where to download the data (``docs/datasets.md``).
+    hint : a line after the list, e.g. where to download the data (``docs/datasets.md``).
+    fix : the one command that fixes it (:func:`gem.data_download.download_command`), the last
+        line as ``fix: <command>``.
     """
 
     def __init__(self, dataset: str, where: Union[str, Path], expected: Sequence[str] = (),
-                 detail: str = "", hint: str = ""):
+                 detail: str = "", hint: str = "", fix: str = ""):
         lines = [f"{dataset}: {detail or 'data not found'} (looked in {str(where)!r})"]
         if expected:
             lines.append("expected:")
             lines.extend(f"  - {item}" for item in expected)
         if hint:
             lines.append(hint)
+        if fix:
+            lines.append(f"fix: {fix}")
         super().__init__("\n".join(lines))
         self.dataset = dataset
         self.where = str(where)

@@ -26,6 +26,7 @@ import numpy as np
 from gem import hookimpl
 from gem.data import (ImageDataOptions, MissingDataError, build_image_cache, cache_file, cache_info,
                       center_square_box, crop_resize, open_rgb)
+from gem.data_download import download_command
 from gem.errors import DataError
 from gem.interfaces import BuildContext, ImageDataset
 from gem.labels import true_impact
@@ -201,7 +202,7 @@ def build_celeba(options: CelebAOptions, context: BuildContext) -> ImageDataset:
         raise MissingDataError("celeba", root, _expected(root, image_dir, needed),
                                detail="CelebA files are missing",
                                hint=f"download the aligned images and the annotation files from {URL} "
-                                    f"(see docs/datasets.md)")
+                                    f"(see docs/datasets.md)", fix=download_command("celeba", options.root))
     names, files, labels = read_attribute_table(root / ATTR_FILE)
     columns = [resolve_attribute(a) for a in options.attributes]
     absent = [c for c, _ in columns if c not in names]

@@ -20,6 +20,7 @@ import numpy as np
 
 from gem import hookimpl
 from gem.data import FactorDataOptions, MissingDataError, shuffled_subset
+from gem.data_download import download_command
 from gem.errors import DataError
 from gem.interfaces import BuildContext, ImageDataset
 from gem_plugins.factor_grid import factor_grid_dataset
@@ -68,7 +69,7 @@ def resolve_file(root: str) -> Path:
         raise MissingDataError(
             "dsprites", path, [f"{path / FILE_NAME}  (npz: 'imgs' {N_IMAGES}x64x64 uint8, "
                                f"'latents_classes' {N_IMAGES}x6, 'latents_values' {N_IMAGES}x6)"],
-            hint=f"download {URL} into that folder (see docs/datasets.md)")
+            hint=f"download {URL} into that folder (see docs/datasets.md)", fix=download_command("dsprites", root))
     return target
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from gem import hookimpl
 from gem.data import (ImageDataOptions, MissingDataError, build_image_cache, cache_file, cache_info,
                       center_square_box, crop_resize, find_images, open_rgb)
+from gem.data_download import download_command
 from gem.errors import MissingDependencyError
 from gem.interfaces import BuildContext, ImageDataset
 
@@ -97,8 +98,12 @@ def locate(options: LSUNOptions) -> tuple[str, Path]:
                      f"{lmdb_dirs[1]}/data.mdb  (object categories: the official {options.category} LMDB)"]
     if options.source in ("auto", "folder"):
         expected.append(f"{folder}/  (a folder of .jpg/.png/.webp images, searched recursively)")
+    # `gem data download` knows the two categories of the recipes (bedroom: the train split).
+    name = {("horse", options.split): "lsun_horse", ("bedroom", "train"): "lsun_bedroom"}.get(
+        (options.category, options.split))
     raise MissingDataError("lsun", root, expected, detail=f"no images for category {options.category!r}",
-                           hint=f"download with the scripts of {URL} (see docs/datasets.md)")
+                           hint=f"download with the scripts of {URL} (see docs/datasets.md)",
+                           fix=download_command(name, options.root) if name else "")
 
 
 def _lmdb_keys(path: Path, limit: Optional[int]) -> list[bytes]:

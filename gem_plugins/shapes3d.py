@@ -18,6 +18,7 @@ import numpy as np
 
 from gem import hookimpl
 from gem.data import FactorDataOptions, MissingDataError, shuffled_subset
+from gem.data_download import download_command
 from gem.errors import DataError, MissingDependencyError
 from gem.interfaces import BuildContext, ImageDataset
 from gem_plugins.factor_grid import factor_grid_dataset
@@ -84,7 +85,7 @@ def resolve_file(root: str) -> Path:
         raise MissingDataError(
             "shapes3d", path, [f"{path / FILE_NAME}  (HDF5: 'images' {N_IMAGES}x64x64x3 uint8, "
                                f"'labels' {N_IMAGES}x6 float64)"],
-            hint=f"download {URL} into that folder (see docs/datasets.md)")
+            hint=f"download {URL} into that folder (see docs/datasets.md)", fix=download_command("shapes3d", root))
     return target
 
 

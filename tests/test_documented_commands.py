@@ -8,7 +8,11 @@ and is left out. The rest run in process, in one folder per document, in documen
 * ``gem-run ...`` with ``--print-recipe``: the recipe resolves and validates;
 * ``gem compare ...`` with ``--dry-run``: every run's recipe validates;
 * ``gem plugins`` / ``gem recipes``: run as they are;
-* ``gem oracle-eval RECIPE ...``: the arguments parse and the recipe validates.
+* ``gem oracle-eval RECIPE ...``: the arguments parse and the recipe validates;
+* ``gem data ...``: run as they are, against a loopback server (tests/data_server.py) that
+  ``GEM_DATA_MIRROR`` points at, serving miniature copies of the published files, with the table
+  of data sets swapped for one holding those copies' checksums: the download, verify and unpack
+  paths all run, and nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -132,10 +136,42 @@ def test_a_broken_command_is_caught(tmp_path, monkeypatch):
     assert _run("gem plugins --jsn")[0] != 0
 
 
+def _serve_data_sets(commands: list[str], tmp_path: Path, monkeypatch) -> None:
+    """Point ``gem data`` at a loopback server of the data sets these commands name."""
+    from data_server import DataServer, fixture_sources
+    from gem import data_download
+
+    names = {w for c in commands if c.startswith("gem data ") for w in shlex.split(c) if w in data_download.SOURCES}
+    server = DataServer()
+    monkeypatch.setattr(data_download, "SOURCES", {**data_download.SOURCES,
+                                                   **fixture_sources(tmp_path / ".published", server, tuple(names))})
+    monkeypatch.setenv(data_download.MIRROR_ENV, server.url)
+    return server
+
+
 @pytest.mark.parametrize("document", [d.relative_to(ROOT).as_posix() for d in DOCUMENTS
                                       if _commands_in(d.read_text())])
 def test_documented_commands_work_as_written(document, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    commands = [c for doc, c in _documented() if doc == document]
+    server = _serve_data_sets(commands, tmp_path, monkeypatch) if any(c.startswith("gem data ") for c in commands) \
+        else None
+    try:
+        _run_documented(document)
+    finally:
+        if server is not None:
+            server.close()
+    if server is not None:  # every data set a document downloads came from the server, and landed
+        from gem.data_download import SOURCES
+
+        for command in commands:
+            words = shlex.split(command)
+            if words[:3] == ["gem", "data", "download"]:
+                root = Path(words[words.index("--root") + 1] if "--root" in words else SOURCES[words[3]].root)
+                assert root.is_dir() and any(p for p in root.iterdir() if not p.name.startswith(".")), command
+
+
+def _run_documented(document: str) -> None:
     for doc, command in _documented():
         if doc != document or (doc, command) in NEEDS_SETUP:
             continue
