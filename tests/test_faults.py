@@ -276,12 +276,14 @@ def test_random_429_500_timeouts_and_garbage_every_score_accounted_for(tmp_path,
 
     monkeypatch.setenv("GEM_FAULT_KEY", KEY)
     rng = np.random.default_rng(8)
-    fake_server.slow_seconds = 0.5
+    # A slow reply takes 3 s against the client's 1 s timeout: a wide margin, so that a prompt reply
+    # on a loaded machine is never taken for a timeout.
+    fake_server.slow_seconds = 3.0
     fake_server.script(list(rng.choice(["ok", "429", "500", "slow", "garbage"], size=400,
                                        p=[0.45, 0.15, 0.15, 0.1, 0.15])))
     images = rng.integers(0, 256, size=(30, 16, 16, 3), dtype=np.uint8)
     oracle = OpenAIOracle(OpenAIOracleOptions(model="fake", base_url=fake_server.base_url, api_key_env="GEM_FAULT_KEY",
-                                              timeout=0.25, max_retries=2, backoff_base=0.001, backoff_max=0.01,
+                                              timeout=1.0, max_retries=2, backoff_base=0.001, backoff_max=0.01,
                                               max_concurrency=4, hedge_factor=None))
     with ScoreCache(tmp_path / "s.sqlite") as cache:
         scores, _ = score_images(oracle, ImageDataset(images, ATTRS), np.arange(30), 10, cache, show_progress=False)
