@@ -462,8 +462,7 @@ def _stream(response: Any, first: bytes, part: Path, have: int, total: Optional[
                 bar.update(len(chunk))
                 if hasattr(bar, "started"):
                     speed = (have - start) / max(time.perf_counter() - t0, 1e-6)
-                    bar.set_postfix(got=f"{_mb(have)}" + (f" of {_mb(total)}" if total else ""),
-                                    speed=f"{speed / 1e6:.1f} MB/s")
+                    bar.set_postfix(speed=f"{speed / 1e6:.1f} MB/s")
                 chunk = b""
         except KeyboardInterrupt:
             fh.flush()

@@ -137,9 +137,9 @@ class LineProgress:
     def line(self, now: float) -> str:
         elapsed = now - self.started
         if self.total:
-            text = f"{self.desc}: {100.0 * self.n / self.total:.0f}% ({self.n:g}/{self.total:g} {self.unit})"
+            text = f"{self.desc}: {100.0 * self.n / self.total:.0f}% ({_amount(self.n, self.total, self.unit)})"
         else:
-            text = f"{self.desc}: {self.n:g} {self.unit}"
+            text = f"{self.desc}: {_amount(self.n, None, self.unit)}"
         text += f", {_duration(elapsed)}"
         if self.total and 0 < self.n < self.total:
             text += f", about {_duration(elapsed * (self.total - self.n) / self.n)} left"
@@ -149,6 +149,15 @@ class LineProgress:
         self._last_time, self._emitted = now, self.n
         if not self.disable:
             print(self.line(now), file=self.stream, flush=True)
+
+
+def _amount(n: float, total: Optional[float], unit: str) -> str:
+    """``400/1000 step``; bytes in kB, MB or GB (``15.2/30.0 MB``)."""
+    if unit == "B":
+        size = total or n
+        scale, name = (1e9, "GB") if size >= 1e9 else (1e6, "MB") if size >= 1e6 else (1e3, "kB")
+        return (f"{n / scale:.1f}/{total / scale:.1f} {name}" if total else f"{n / scale:.1f} {name}")
+    return f"{n:g}/{total:g} {unit}" if total else f"{n:g} {unit}"
 
 
 def _duration(seconds: float) -> str:

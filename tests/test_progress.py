@@ -111,3 +111,19 @@ def test_auto_threads_leaves_the_cores_other_processes_keep_busy(monkeypatch):
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
         threads, why = auto_threads()
         assert threads == expected and "4 core(s)" in why
+
+
+def test_plain_lines_show_bytes_in_readable_units():
+    import io
+
+    from gem.progress import LineProgress
+
+    stream = io.StringIO()
+    bar = LineProgress(30_000_000, "get", unit="B", stream=stream, every_percent=50, at_most_every=0)
+    bar.update(15_200_000)
+    bar.close()
+    assert "get: 51% (15.2/30.0 MB)" in stream.getvalue()
+    stream = io.StringIO()
+    with LineProgress(2_500_000_000, "get", unit="B", stream=stream) as bar:
+        bar.update(500_000_000)
+    assert "(0.5/2.5 GB)" in stream.getvalue()
