@@ -20,8 +20,44 @@ from typing import Any, Callable, Optional
 #: A batch that reached one of these states will not change any more.
 FINAL_STATES = frozenset({"completed", "failed", "expired", "cancelled"})
 
+#: The OpenAI Batch API's limits on one input file: 50,000 requests and 200 MB.
+MAX_REQUESTS_PER_FILE = 50_000
+MAX_FILE_BYTES = 200 * 1024 * 1024
+
 #: ``request(method, path, json_body, raw_body, content_type) -> bytes``; path relative to base_url.
 Requester = Callable[..., bytes]
+
+
+def jsonl_line(line: dict[str, Any]) -> bytes:
+    return (json.dumps(line, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def split_lines(lines: list[dict[str, Any]], max_requests: Optional[int] = None,
+                max_bytes: Optional[int] = None) -> list[list[dict[str, Any]]]:
+    """Cut the requests of one scoring into input files within the API's limits, in order.
+
+    A CelebA scoring (200,000 images) is several files: 50,000 requests at most each, and at most
+    ``max_bytes`` of JSONL (a 64×64 PNG in base64 is some kilobytes, so the byte limit usually
+    comes first). The limits default to :data:`MAX_REQUESTS_PER_FILE` and :data:`MAX_FILE_BYTES`.
+    A single request larger than ``max_bytes`` is a ValueError.
+    """
+    max_requests = max_requests or MAX_REQUESTS_PER_FILE
+    max_bytes = max_bytes or MAX_FILE_BYTES
+    files: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    size = 0
+    for line in lines:
+        n = len(jsonl_line(line))
+        if n > max_bytes:
+            raise ValueError(f"one batch request is {n} bytes, more than a batch file may hold ({max_bytes})")
+        if current and (len(current) >= max_requests or size + n > max_bytes):
+            files.append(current)
+            current, size = [], 0
+        current.append(line)
+        size += n
+    if current:
+        files.append(current)
+    return files
 
 
 class BatchClient:
@@ -32,7 +68,7 @@ class BatchClient:
 
     def upload(self, lines: list[dict[str, Any]]) -> str:
         """Upload requests as a JSONL file for a batch; its file id."""
-        payload = "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode("utf-8")
+        payload = b"".join(jsonl_line(line) for line in lines)
         boundary = f"gem-{uuid.uuid4().hex}"
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"gem-scores.jsonl\"\r\n"

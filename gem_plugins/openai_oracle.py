@@ -81,7 +81,7 @@ import numpy as np
 from gem import hookimpl
 from gem.errors import GemError
 from gem.interfaces import BuildContext, RelationOracle, ScoreRequest
-from gem_plugins.openai_batch import BatchClient
+from gem_plugins.openai_batch import BatchClient, split_lines
 from gem_plugins.request_scheduler import AdaptiveConcurrency, LatencyTracker
 from gem_plugins.prompts import (MAX_SCORE, MIN_SCORE, PROMPT_VERSION, attribute_prompt, image_prompt,
                                  parse_json_scores, parse_score)
@@ -684,7 +684,8 @@ class OpenAIOracle(RelationOracle):
 
     # -- batch mode ------------------------------------------------------------------------------
     def _score_batch(self, source: Iterator[_Task], finished) -> Iterator[tuple[Hashable, np.ndarray]]:
-        """Every task as one line of one batch job; what it does not answer goes through the stream."""
+        """Every task as one line of a batch job (one job per input file the API's limits allow);
+        what the jobs do not answer goes through the stream."""
         from gem.score_cache import ScoreCache, image_hash
 
         client = BatchClient(self._api)
@@ -714,12 +715,17 @@ class OpenAIOracle(RelationOracle):
                 prompt = self._prompt(attributes)
                 lines.append({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
                               "body": self._body(task.url, prompt, attributes)})
-            if lines:
-                batch_id = client.create(client.upload(lines))
+            submitted = []
+            for chunk in split_lines(lines):  # several jobs when one file would pass the API's limits
+                batch_id = client.create(client.upload(chunk))
                 if ledger is not None:
-                    ledger.add_batch(self.cache_key, batch_id, [line["custom_id"] for line in lines])
-                log.info("openai oracle: submitted batch %s of %d requests; waiting for it (poll every %g s)",
-                         batch_id, len(lines), self.options.batch_poll_seconds)
+                    ledger.add_batch(self.cache_key, batch_id, [line["custom_id"] for line in chunk])
+                log.info("openai oracle: submitted batch %s of %d requests", batch_id, len(chunk))
+                submitted.append(batch_id)
+            if submitted:
+                log.info("openai oracle: waiting for %d batch job(s) (poll every %g s)", len(submitted),
+                         self.options.batch_poll_seconds)
+            for batch_id in submitted:
                 replies.update(self._collect(client, batch_id))
                 if ledger is not None:
                     ledger.close_batch(self.cache_key, batch_id)

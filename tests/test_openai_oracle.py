@@ -539,6 +539,34 @@ def test_batch_mode_scores_through_one_batch_job(make_oracle, server, tmp_path):
         assert cache.open_batches(oracle.cache_key) == []  # collected
 
 
+def test_batch_files_are_cut_at_the_api_limits():
+    from gem_plugins.openai_batch import jsonl_line, split_lines
+
+    lines = [{"custom_id": f"r{k}", "body": {"pad": "x" * (10 * k)}} for k in range(7)]
+    by_count = split_lines(lines, max_requests=3, max_bytes=10**9)
+    assert [[line["custom_id"] for line in f] for f in by_count] == [["r0", "r1", "r2"], ["r3", "r4", "r5"], ["r6"]]
+    sizes = [len(jsonl_line(line)) for line in lines]
+    limit = sizes[0] + sizes[1] + sizes[2]  # exactly the first three lines
+    by_bytes = split_lines(lines, max_requests=100, max_bytes=limit)
+    assert [len(f) for f in by_bytes][0] == 3 and sum(map(len, by_bytes)) == 7
+    assert all(sum(len(jsonl_line(line)) for line in f) <= limit for f in by_bytes)
+    assert [line for f in by_bytes for line in f] == lines  # order kept, nothing lost or repeated
+    with pytest.raises(ValueError, match="more than a batch file may hold"):
+        split_lines(lines, max_bytes=sizes[6] - 1)
+
+
+def test_a_scoring_too_large_for_one_batch_file_goes_as_several_jobs(make_oracle, server, tmp_path, monkeypatch):
+    from gem_plugins import openai_batch
+
+    monkeypatch.setattr(openai_batch, "MAX_REQUESTS_PER_FILE", 2)
+    images, truth = make_images(5)
+    oracle = make_oracle(submit="batch", batch_poll_seconds=0.01, context_dir=tmp_path)
+    np.testing.assert_array_equal(oracle.score(images, np.arange(5), ATTRS), truth)
+    assert len(server.requests) == 0 and sorted(len(b["lines"]) for b in server.batches.values()) == [1, 2, 2]
+    with ScoreCache(tmp_path / "oracle_scores.sqlite") as cache:
+        assert cache.open_batches(oracle.cache_key) == []
+
+
 def test_a_killed_batch_run_polls_the_same_job_again_instead_of_paying_twice(make_oracle, server, tmp_path):
     images, truth = make_images(5)
     server.batch_hold = True
