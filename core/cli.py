@@ -75,7 +75,9 @@ def _launch(args: argparse.Namespace, run_dir: Path) -> int:
                "--num_processes", str(args.num_processes), "--num_machines", "1", "--dynamo_backend", "no",
                "--main_process_port", str(port), "-m", "gem.cli", "run", *child]
     logger.info(f"gem: launching {args.num_processes} processes: {' '.join(command[2:])}")
-    return subprocess.run(command).returncode
+    # Python >= 3.11: the children's ``-m gem.cli`` does not put the working directory on sys.path,
+    # where a folder named gem would shadow the installed package.
+    return subprocess.run(command, env={**os.environ, "PYTHONSAFEPATH": "1"}).returncode
 
 
 def run_main(argv: Optional[Sequence[str]] = None, prog: str = "gem-run") -> int:

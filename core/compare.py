@@ -238,6 +238,13 @@ def prepare_shared(base: dict, registry: Registry) -> None:
         score_with_cache(context.build("oracle"), dataset, context.split(dataset).scored, recipe, show_progress=True)
 
 
+#: The command of a worker process. ``python -m`` would put the working directory first on
+#: sys.path, where a folder named ``gem`` (a run folder of the method gem, a clone of this
+#: repository) would shadow the installed package; the worker drops it before importing gem.
+_WORKER = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+           "from gem.compare import _worker; sys.exit(_worker(*sys.argv[1:4]))")
+
+
 def _run_one(record: RunRecord, recipe_path: Path, threads: int, eval_settings: dict) -> RunRecord:
     metrics_file = record.run_dir / "metrics.json"
     done_marker = record.run_dir / "compare_done.json"
@@ -253,7 +260,7 @@ def _run_one(record: RunRecord, recipe_path: Path, threads: int, eval_settings: 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "gem.compare", "--worker", str(recipe_path), str(record.run_dir),
+        proc = subprocess.run([sys.executable, "-c", _WORKER, str(recipe_path), str(record.run_dir),
                                json.dumps(eval_settings)], stdout=log, stderr=subprocess.STDOUT, env=env)
     record.seconds = time.perf_counter() - started
     if proc.returncode != 0 or not metrics_file.exists():
@@ -594,6 +601,4 @@ def compare_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        sys.exit(_worker(*sys.argv[2:5]))
     sys.exit(compare_main())

@@ -75,7 +75,11 @@ def test_table_is_mean_and_sample_std(tmp_path):
     assert "**0.200 ± 0.141**" in table and "0 (1 failed)" in table
 
 
-def test_tiny_comparison_writes_table_and_reuses_finished_runs(tiny_recipe, tmp_path):
+def test_tiny_comparison_writes_table_and_reuses_finished_runs(tiny_recipe, tmp_path, monkeypatch):
+    # Started from a folder that holds a folder named gem (a clone, a run folder of the method gem):
+    # the workers must still import the installed package.
+    (tmp_path / "gem").mkdir()
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "cmp"
     settings = {"n_train": 100, "n_test": 50, "dci_n_train": 100, "dci_n_test": 50, "dci_trees": 5, "n_boot": 5,
                 "efficiency_steps": 2}
