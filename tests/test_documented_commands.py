@@ -153,6 +153,7 @@ def _serve_data_sets(commands: list[str], tmp_path: Path, monkeypatch) -> None:
                                       if _commands_in(d.read_text())])
 def test_documented_commands_work_as_written(document, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").symlink_to(ROOT / "docs")  # commands are written for the repository root
     commands = [c for doc, c in _documented() if doc == document]
     server = _serve_data_sets(commands, tmp_path, monkeypatch) if any(c.startswith("gem data ") for c in commands) \
         else None
