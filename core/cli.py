@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 # Before torch loads OpenMP: threads that wait sleep instead of spinning, so a run that shares its
@@ -161,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
     if main:
         print(format_summary(result.summary))
         print(f"report: {run_dir / 'report.html'}")
+        print(f"explore: gem explore {shlex.quote(str(run_dir))}")
     if accelerator is not None:
         from gem.context import leave_process_group
 

@@ -109,7 +109,8 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     images = [
         ("Relation-aware traversals", "traversal_relation_aware.png",
          "Each row sets one attribute's latent from low to high and decodes Aᵀz: the attributes it "
-         "influences move with it."),
+         "influences move with it. `gem explore` on this run folder opens a page with one slider per "
+         "attribute, to move them yourself."),
         ("Independent traversals", "traversal_independent.png", "Each row changes only that attribute's decoder input."),
         ("Impact scores", "impact_heatmap.png",
          f"Somers' D from {impact.get('images_used', '?')} scored images; row i is the independent variable. "

@@ -32,17 +32,23 @@ def tiny_run(tmp_path_factory):
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run_dir = tmp / "run"
-    err = io.StringIO()
+    err, out = io.StringIO(), io.StringIO()
     disabled = os.environ.pop("TQDM_DISABLE", None)  # the suite hides progress; this run shows it
     try:
-        with contextlib.redirect_stderr(err):  # not a terminal: progress comes as plain lines
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):  # not a terminal: plain lines
             code = run_main([str(path), "--out", str(run_dir), "--set", "training.steps=16", "--set", "seed=3"])
     finally:
         if disabled is not None:
             os.environ["TQDM_DISABLE"] = disabled
     assert code == 0, err.getvalue()[-3000:]
     (tmp / "stderr.txt").write_text(err.getvalue())
+    (tmp / "stdout.txt").write_text(out.getvalue())
     return run_dir
+
+
+def test_a_run_ends_with_its_report_and_the_command_to_explore_it(tiny_run):
+    last = (tiny_run.parent / "stdout.txt").read_text().strip().splitlines()[-2:]
+    assert last == [f"report: {tiny_run / 'report.html'}", f"explore: gem explore {tiny_run}"]
 
 
 def test_every_stage_says_what_it_does_in_plain_lines(tiny_run):
