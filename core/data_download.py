@@ -43,6 +43,7 @@ from typing import Any, Optional, Sequence
 
 from gem.cli_errors import guard
 from gem.errors import GemError, MissingDependencyError
+from gem.io import write_json
 from gem.progress import add_verbosity_options, logger, progress, setup_from_args
 
 __all__ = ["DataSource", "RemoteFile", "SOURCES", "MIRROR_ENV", "DownloadError", "ChecksumError",
@@ -237,9 +238,7 @@ def _write_record(root: Path, name: str, entry: Optional[dict[str, Any]]) -> Non
         files.pop(name, None)
     else:
         files[name] = entry
-    tmp = root / f"{RECORD_FILE}.tmp"
-    tmp.write_text(json.dumps({"files": files}, indent=2, sort_keys=True))
-    os.replace(tmp, root / RECORD_FILE)
+    write_json(root / RECORD_FILE, {"files": files})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from PIL import Image
 
 from gem.cli_errors import guard
 from gem.errors import GemError
+from gem.io import to_jsonable
 from gem.progress import add_verbosity_options, logger, setup_from_args
 from gem.run_folder import TrainedRun, load_run
 from gem.training import to_float
@@ -82,13 +83,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _matrix(value: Any) -> Optional[list[list[float]]]:
-    if value is None:
-        return None
-    array = np.asarray(value, dtype=float)
-    return [[v if math.isfinite(v) else None for v in row] for row in array.tolist()]
-
-
 class Explorer:
     """Encode an origin and decode moved codes of one trained run (thread-safe).
 
@@ -105,7 +99,6 @@ class Explorer:
         self.decoders.update(run.extractor.extra_decoders())
         self.adjacency = run.learned_adjacency
         off_diagonal = self.adjacency - np.diag(np.diag(self.adjacency))
-        self.identity_graph = bool(np.allclose(self.adjacency, np.eye(len(self.attributes)), atol=1e-6))
         self.related = run.relation.is_bound and not np.allclose(off_diagonal, 0.0, atol=1e-6)
         self._lock = threading.Lock()
         self._origins: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
@@ -135,9 +128,9 @@ class Explorer:
             "related": self.related,
             "note": note,
             "edge_floor": EDGE_FLOOR,
-            "matrices": {"A": _matrix(self.adjacency), "S": _matrix(impact.get("oracle_impact")),
-                         "S_low": _matrix(impact.get("ci_low")), "S_high": _matrix(impact.get("ci_high")),
-                         "true": _matrix(impact.get("true_impact"))},
+            "matrices": to_jsonable({"A": self.adjacency, "S": impact.get("oracle_impact"),
+                                     "S_low": impact.get("ci_low"), "S_high": impact.get("ci_high"),
+                                     "true": impact.get("true_impact")}),  # NaN cells become null
             "decoders": [{"name": name, "note": None if name == DEFAULT_DECODER else
                           "a sampler, not the trained decoder: expect seconds per image on a CPU"}
                          for name in self.decoders],

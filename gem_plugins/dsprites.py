@@ -20,7 +20,7 @@ import numpy as np
 
 from gem import hookimpl
 from gem.data import FactorDataOptions, MissingDataError, shuffled_subset
-from gem.data_download import download_command
+from gem.data_download import SOURCES, download_command
 from gem.errors import DataError
 from gem.interfaces import BuildContext, ImageDataset
 from gem_plugins.factor_grid import factor_grid_dataset
@@ -31,9 +31,10 @@ FACTOR_LEVELS: dict[str, int] = {"shape": 3, "scale": 6, "orientation": 40, "pos
 #: Column of each factor in ``latents_classes`` (column 0, colour, is constant).
 FACTOR_COLUMNS: dict[str, int] = {"shape": 1, "scale": 2, "orientation": 3, "posX": 4, "posY": 5}
 
-FILE_NAME = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
+#: The published file, as gem data downloads it (one table of names, addresses and checksums).
+FILE_NAME = SOURCES["dsprites"].files[0].name
 N_IMAGES = 737_280
-URL = "https://github.com/google-deepmind/dsprites-dataset/raw/master/" + FILE_NAME
+URL = SOURCES["dsprites"].files[0].url
 
 #: Pair correlated by a bare preset (``correlation: strong``) when no pair is named.
 DEFAULT_PAIRS: list[list[str]] = [["scale", "posX"]]

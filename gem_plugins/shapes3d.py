@@ -18,7 +18,7 @@ import numpy as np
 
 from gem import hookimpl
 from gem.data import FactorDataOptions, MissingDataError, shuffled_subset
-from gem.data_download import download_command
+from gem.data_download import SOURCES, download_command
 from gem.errors import DataError, MissingDependencyError
 from gem.interfaces import BuildContext, ImageDataset
 from gem_plugins.factor_grid import factor_grid_dataset
@@ -38,9 +38,10 @@ FACTOR_VALUES: dict[str, np.ndarray] = {
     "orientation": np.linspace(-30.0, 30.0, 15),
 }
 
-FILE_NAME = "3dshapes.h5"
+#: The published file, as gem data downloads it (one table of names, addresses and checksums).
+FILE_NAME = SOURCES["shapes3d"].files[0].name
 N_IMAGES = 480_000
-URL = "https://storage.googleapis.com/3d-shapes/3dshapes.h5"
+URL = SOURCES["shapes3d"].files[0].url
 
 #: Pair correlated by a bare preset (``correlation: strong``) when no pair is named.
 DEFAULT_PAIRS: list[list[str]] = [["object_hue", "scale"]]
